@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 
 class PILTiffReader(PILReader):
     """
-    MONAI's ``PILReader`` that also opens the TIFFs Pillow cannot (CVC-ClinicDB frames: 3 samples per pixel
-    with MinIsBlack photometry) through ``tifffile``, so that image and mask always come out in the same
-    PIL axis convention (``(W, H[, C])`` with the default ``reverse_indexing=True``).
+    MONAI's ``PILReader`` that reads every TIFF through ``tifffile``, so that the TIFFs Pillow cannot open
+    (CVC-ClinicDB frames: 3 samples per pixel with MinIsBlack photometry) load too, and image and mask always
+    come out in the same PIL axis convention (``(W, H[, C])`` with the default ``reverse_indexing=True``).
 
     Args:
         mode: a Pillow mode every image is converted to after reading (``"RGB"`` for frames: greyscale is
@@ -66,11 +66,13 @@ class PILTiffReader(PILReader):
 
     def _read_tiff(self, name) -> Image.Image:
         array = tifffile.imread(name)
-        if array.dtype != np.uint8:
-            array = (array.astype(np.float64) * (255.0 / max(float(array.max()), 1.0))).astype(np.uint8)
         if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
             array = np.moveaxis(array, 0, -1)  # planar configuration
-        image = Image.fromarray(array)
+        if array.dtype == np.uint16 and array.ndim == 3:  # Pillow has no 16-bit colour mode: keep the top byte
+            array = (array >> 8).astype(np.uint8)
+        if array.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"{name}: unsupported TIFF sample type {array.dtype} (expected 8- or 16-bit integers).")
+        image = Image.fromarray(array)  # 16-bit greyscale stays 16-bit (mode I;16): masks keep their full scale
         return self.converter(image) if callable(self.converter) else image
 
 

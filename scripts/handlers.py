@@ -27,7 +27,7 @@ def latest_checkpoint(ckpt_dir: str | Path) -> str:
         epoch = int(match.group(1)) if match else None
         if epoch is None and path.name.endswith("checkpoint_final.pt"):
             state = torch.load(path, map_location="cpu", weights_only=True).get("trainer", {})
-            epoch = int(state.get("epoch", 0))
+            epoch = state.get("iteration", 0) / max(state.get("epoch_length", 1), 1)  # Ignite saves no epoch
         if epoch is not None:
             candidates.append((epoch, path.stat().st_mtime, str(path)))
     if not candidates:

@@ -1,0 +1,64 @@
+# Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
+"""
+Type and range checks of the top-level config ids, run first in ``initialize``: a command-line override of the
+wrong type (``--epochs ten``, ``--resume true`` instead of ``True``) stops the run before any data is cached,
+with a message naming the id, instead of failing deep inside Ignite or PyTorch.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+__all__ = ["check_settings"]
+
+
+def _int(low: int):
+    return (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low,
+            f"an integer >= {low}")
+
+
+def _float(low: float, high: float, high_open: bool = False):
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            return False
+        return low <= v < high if high_open else low <= v <= high
+
+    return ok, f"a number in [{low}, {high}{')' if high_open else ']'}"
+
+
+_RULES = {
+    "epochs": _int(1),
+    "batch_size": _int(1),
+    "num_workers": _int(0),
+    "val_interval": _int(1),
+    "seed": _int(0),
+    "image_size": (lambda v: _int(16)[0](v) and v % 16 == 0, "a multiple of 16 (the U-Net pools four times)"),
+    "learning_rate": (lambda v: _float(0.0, float("inf"))[0](v) and v > 0, "a positive number"),
+    "dropout": _float(0.0, 1.0, high_open=True),
+    "cache_rate": _float(0.0, 1.0),
+    "features": (
+        lambda v: isinstance(v, (list, tuple)) and len(v) == 5 and all(_int(1)[0](f) for f in v),
+        'a list of five positive integers, e.g. "[64,128,256,512,512]"',
+    ),
+    "resume": (lambda v: isinstance(v, bool), "True or False (capitalised: --resume True)"),
+}
+
+
+def check_settings(**settings) -> bool:
+    """
+    Check each ``name=value`` against the rule for that config id; unknown names are rejected so that the
+    config and this table cannot drift apart silently.
+
+    Raises:
+        ValueError: naming every id whose value has the wrong type or range, with what was expected.
+    """
+    errors = []
+    for name, value in settings.items():
+        if name not in _RULES:
+            raise ValueError(f"check_settings has no rule for {name!r}; known: {', '.join(sorted(_RULES))}.")
+        ok, expected = _RULES[name]
+        if not ok(value):
+            errors.append(f"--{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if errors:
+        raise ValueError("invalid config value(s):\n  " + "\n  ".join(errors))
+    return True

@@ -1,0 +1,57 @@
+"""Shared fixtures: the bundle's CLI run in subprocesses, a tiny network setting, the demo set, real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("POLYP_SHARED_DATA", BUNDLE_ROOT.parent / "shared" / "data"))
+KVASIR = SHARED_DATA / "kvasir-seg"
+CVC = SHARED_DATA / "cvc-clinicdb-sample"
+# small enough for a 2-core CPU: one epoch over the 60-image demo set takes about a second
+TINY = ["--image_size", "32", "--features", "[4,8,8,16,16]", "--batch_size", "8", "--num_workers", "0"]
+TRAIN = "configs/train.yaml"
+EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
+
+if str(BUNDLE_ROOT) not in sys.path:  # the configs import the bundle's `scripts` package
+    sys.path.insert(0, str(BUNDLE_ROOT))
+
+
+def run(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` in the bundle root, as a user would; fail with its output if it fails."""
+    proc = subprocess.run([sys.executable, *args], cwd=BUNDLE_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def needs(path: Path):
+    return pytest.mark.skipif(not path.is_dir(), reason=f"real data not found at {path} (set POLYP_SHARED_DATA)")
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """The synthetic demo set, prepared with the bundle's own command."""
+    out = tmp_path_factory.mktemp("demo")
+    run("-m", "scripts.prepare_data", "--demo", "--output", str(out), "--num-demo", "36")
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(demo, tmp_path_factory) -> Path:
+    """A tiny model trained for two epochs on the demo set: ``<dir>/models/model.pt`` and checkpoints."""
+    out = tmp_path_factory.mktemp("trained")
+    run("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--dataset_dir", str(demo),
+        "--epochs", "2", "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), *TINY)
+    return out
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,216 @@
+"""The bundle's commands, run as a user runs them, on the synthetic demo set."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import BUNDLE_ROOT, EVALUATE, SHARED_DATA, TINY, TRAIN, read_json, run
+from monai.bundle import ConfigParser, ConfigWorkflow
+from PIL import Image
+
+
+def parse(config_files, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / f) for f in config_files])
+    parser.update({"bundle_root": str(BUNDLE_ROOT), **overrides})
+    return parser
+
+
+TINY_OVERRIDES = {"image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 8, "num_workers": 0}
+
+
+def test_training_writes_checkpoints_and_logs(trained):
+    models = trained / "models"
+    assert (models / "model.pt").is_file()
+    assert (models / "checkpoint_epoch=2.pt").is_file()
+    final = torch.load(models / "checkpoint_final.pt", weights_only=True)
+    assert {"model", "optimizer", "trainer"} <= set(final)
+    assert final["trainer"]["iteration"] == 2 * final["trainer"]["epoch_length"]
+    assert list((trained / "eval").glob("events.out.tfevents.*")), "no TensorBoard log written"
+
+
+def test_evaluation_matches_an_independent_computation(demo, trained, tmp_path):
+    out = tmp_path / "eval"
+    run("-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE, "--dataset_dir", str(demo),
+        "--ckpt_dir", str(trained / "models"), "--output_dir", str(out), *TINY)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    test_list = read_json(demo / "datalist.json")["test"]
+    assert len(rows) == len(test_list) > 0
+
+    # reference: the network run by hand on the evaluation inputs, metrics in float64 numpy
+    parser = parse([TRAIN, "configs/evaluate.yaml"], dataset_dir=str(demo), device="cpu", **TINY_OVERRIDES)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
+    net.eval()
+    dataset = parser.get_parsed_content("validate#dataset")
+    by_name = {r["image"]: r for r in rows}
+    for item in dataset:
+        with torch.no_grad():
+            pred = net(item["image"][None]).argmax(1)[0].numpy().astype(bool)
+        gt = item["label"][0].numpy().astype(bool)
+        tp, fp, fn = (pred & gt).sum(), (pred & ~gt).sum(), (~pred & gt).sum()
+        row = by_name[str(item["image"].meta["filename_or_obj"])]
+        np.testing.assert_allclose(float(row["dice"]), 2 * tp / (2 * tp + fp + fn), atol=1e-5)
+        np.testing.assert_allclose(float(row["iou"]), tp / (tp + fp + fn), atol=1e-5)
+        np.testing.assert_allclose(float(row["recall"]), tp / (tp + fn), atol=1e-5)
+        if tp + fp:
+            np.testing.assert_allclose(float(row["precision"]), tp / (tp + fp), atol=1e-5)
+    summary = read_json(out / "metrics.json")
+    assert summary["num_images"] == len(rows)
+    for metric in ("dice", "iou", "precision", "recall"):
+        np.testing.assert_allclose(summary[metric]["mean"], np.mean([float(r[metric]) for r in rows]), atol=1e-5)
+
+
+def _frames(folder, demo):
+    """Frames in every accepted format and colour layout, non-square among them."""
+    folder.mkdir()
+    rgb = Image.open(demo / "images" / "demo_001.jpg")  # 384 wide, 288 high
+    assert rgb.size == (384, 288)
+    rgb.save(folder / "wide.jpg")
+    rgb.convert("L").save(folder / "grey.png")
+    rgb.convert("RGBA").save(folder / "alpha.png")
+    rgb.transpose(Image.Transpose.ROTATE_90).save(folder / "tall.bmp")
+    shutil.copy(demo / "images" / "demo_000.jpg", folder / "square.jpg")
+    if (SHARED_DATA / "cvc-clinicdb-sample").is_dir():
+        shutil.copy(SHARED_DATA / "cvc-clinicdb-sample" / "images" / "1.tif", folder / "cvc.tif")
+    return sorted(folder.iterdir())
+
+
+def test_inference_writes_a_mask_per_frame_at_its_original_size(demo, trained, tmp_path):
+    frames = _frames(tmp_path / "in", demo)
+    out = tmp_path / "out"
+    run("-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--input_dir", str(tmp_path / "in"),
+        "--output_dir", str(out), "--ckpt_dir", str(trained / "models"), "--image_size", "32",
+        "--features", "[4,8,8,16,16]", "--num_workers", "0")
+    for frame in frames:
+        mask = Image.open(out / f"{frame.stem}_mask.png")
+        height, width = tifffile.imread(frame).shape[:2] if frame.suffix == ".tif" else Image.open(frame).size[::-1]
+        assert mask.size == (width, height), frame.name
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}, frame.name
+
+    # reference for the wide frame: the network by hand, probabilities resized back with torch
+    net = parse(["configs/inference.yaml"], device="cpu", **TINY_OVERRIDES).get_parsed_content("network_def")
+    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
+    net.eval()
+    image = torch.as_tensor(np.asarray(Image.open(tmp_path / "in" / "wide.jpg")), dtype=torch.float32) / 255
+    x = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=(32, 32), mode="area")
+    with torch.no_grad():
+        prob = torch.softmax(net(x), 1)
+    prob = torch.nn.functional.interpolate(prob, size=(288, 384), mode="bilinear", align_corners=False)
+    expected = prob.argmax(1)[0].numpy() * 255
+    written = np.asarray(Image.open(out / "wide_mask.png"))
+    assert written.shape == expected.shape == (288, 384)
+    assert (written == expected).mean() > 0.95
+
+
+@pytest.mark.parametrize("overlay,loss_type", [("dice", "DiceLoss"), ("focal", "FocalLoss"),
+                                               ("polydice1", "PolyDiceLoss")])
+def test_loss_overlays(overlay, loss_type, demo, tmp_path):
+    files = f"['configs/train.yaml','configs/loss/{overlay}.yaml']"
+    extra = ["--eps", "0.3"] if overlay == "polydice1" else []
+    run("-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", str(demo), "--epochs", "1",
+        "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "e"), *TINY, *extra)
+    assert (tmp_path / "m" / "model.pt").is_file()
+    parser = parse([TRAIN, f"configs/loss/{overlay}.yaml"], **({"eps": 0.3} if extra else {}))
+    loss = parser.get_parsed_content("loss")
+    assert type(loss).__name__ == loss_type
+    if overlay == "polydice1":
+        assert loss.eps == 0.3 and loss.order == 1
+    if overlay == "dice":  # the per-image, squared-denominator baseline of method.md
+        assert loss.batch is False and loss.squared_pred is True
+    if overlay == "focal":
+        assert loss.gamma == 2.0
+
+
+def test_top_level_ids_are_honoured(demo):
+    overrides = {"epochs": 7, "batch_size": 5, "image_size": 48, "num_workers": 0, "learning_rate": 0.02,
+                 "features": [3, 5, 7, 9, 11], "dropout": 0.25, "val_interval": 3, "seed": 11, "device": "cpu",
+                 "ckpt_dir": "/tmp/ck", "output_dir": "/tmp/out", "dataset_dir": str(demo)}
+    parser = parse([TRAIN], **overrides)
+    net = parser.get_parsed_content("network_def")
+    assert net.features == (3, 5, 7, 9, 11) and net.dropout_enc.p == 0.25 and net.dropout_dec.p == 0.25
+    assert parser.get_parsed_content("optimizer").param_groups[0]["lr"] == 0.02
+    assert parser.get_parsed_content("datalist") == f"{demo}/datalist.json"
+    assert parser.get_parsed_content("train#dataloader").batch_size == 5
+    assert parser.get_parsed_content("train#trainer").state.max_epochs == 7
+    resize = [t for t in parser.get_parsed_content("train#deterministic_transforms") if type(t).__name__ == "Resized"]
+    assert tuple(resize[0].resizer.spatial_size) == (48, 48)
+    handlers = parser.get_parsed_content("train#handlers")
+    assert [h for h in handlers if type(h).__name__ == "ValidationHandler"][0].interval == 3
+    assert parser.get_parsed_content("train#checkpoint_saver").save_dir == "/tmp/ck"
+    assert parser.get_parsed_content("ckpt_dir") == "/tmp/ck" and parser.get_parsed_content("output_dir") == "/tmp/out"
+
+
+def test_train_config_has_the_model_zoo_properties(demo, tmp_path):
+    workflow = ConfigWorkflow(config_file=str(BUNDLE_ROOT / TRAIN), workflow_type="train",
+                              meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
+                              logging_file=str(BUNDLE_ROOT / "configs" / "logging.conf"),
+                              bundle_root=str(BUNDLE_ROOT), dataset_dir=str(demo), ckpt_dir=str(tmp_path),
+                              **TINY_OVERRIDES)
+    workflow.initialize()
+    assert workflow.check_properties() == []  # every required Model Zoo train property is declared
+
+
+def test_resume_continues_from_the_last_checkpoint(demo, tmp_path):
+    common = ["--config_file", TRAIN, "--dataset_dir", str(demo), "--ckpt_dir", str(tmp_path / "m"),
+              "--output_dir", str(tmp_path / "e"), *TINY]
+    run("-m", "monai.bundle", "run", "training", *common, "--epochs", "2")
+    resumed = run("-m", "monai.bundle", "run", "training", *common, "--epochs", "3", "--resume", "True")
+    log = resumed.stdout + resumed.stderr
+    assert "Restored all variables from" in log
+    assert "Epoch[3] Complete" in log and "Epoch[1] Complete" not in log and "Epoch[2] Complete" not in log
+    state = torch.load(tmp_path / "m" / "checkpoint_final.pt", weights_only=True)["trainer"]
+    assert state["iteration"] == 3 * state["epoch_length"]
+
+
+def test_run_id_run_and_no_validation_data_still_saves_the_model(demo, tmp_path):
+    datalist = read_json(demo / "datalist.json")
+    datalist["training"] += datalist.pop("validation")
+    datalist["validation"] = []
+    data = tmp_path / "data"
+    shutil.copytree(demo, data)
+    (data / "datalist.json").write_text(json.dumps(datalist))
+    run("-m", "monai.bundle", "run", "--config_file", TRAIN, "--dataset_dir", str(data), "--epochs", "1",
+        "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "e"), *TINY)
+    assert (tmp_path / "m" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "ten"], "--epochs must be an integer >= 1, got 'ten'"),
+    (["--features", "[8,16]"], "--features must be a list of five positive integers"),
+    (["--resume", "true"], "--resume must be True or False"),
+    (["--image_size", "100"], "--image_size must be a multiple of 16"),
+    (["--dataset_dir", "/nonexistent/data"], "/nonexistent/data/datalist.json"),
+])
+def test_bad_overrides_fail_early_with_a_clear_message(args, message, tmp_path):
+    proc = run("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--ckpt_dir", str(tmp_path),
+               *TINY, *args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_metadata_verifies_and_torchscript_export_matches(trained, tmp_path):
+    schema = SHARED_DATA.parent / "schemas" / "meta_schema_20240725.json"
+    if schema.is_file():
+        run("-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
+            "--filepath", str(schema))
+    assert (BUNDLE_ROOT / "metadata.json").is_symlink()
+    assert (BUNDLE_ROOT / "metadata.json").resolve() == (BUNDLE_ROOT / "configs" / "metadata.json").resolve()
+    run("-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+        "--config_file", "configs/inference.yaml", "--features", "[4,8,8,16,16]")
+    ts = tmp_path / "model.ts"
+    run("-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file",
+        str(trained / "models" / "model.pt"), "--meta_file", "configs/metadata.json", "--config_file",
+        "configs/inference.yaml", "--features", "[4,8,8,16,16]")
+    net = parse(["configs/inference.yaml"], device="cpu", **TINY_OVERRIDES).get_parsed_content("network_def")
+    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(ts)).eval()(x), net.eval()(x))
