@@ -62,7 +62,7 @@ class DropoutUNet(nn.Module):
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout}.")
         f0, f1, f2, f3, f4 = features
         spatial_dims = 2
-        conv = {"act": "relu", "norm": "batch", "bias": False}
+        conv = {"act": "relu", "norm": "batch", "bias": False, "dropout": None}  # None: no identity Dropout(0)
         up = {"upsample": "nontrainable", "pre_conv": None, "interp_mode": "bilinear", "align_corners": True}
         self.features = features
         self.inc = TwoConv(spatial_dims, in_channels, f0, **conv)
