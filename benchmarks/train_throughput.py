@@ -2,8 +2,8 @@
 """
 Training throughput of the bundle (``configs/train.yaml``) against a plain PyTorch loop.
 
-The bundle side is the real ``train#trainer`` (SupervisedTrainer with its postprocessing, MeanDice train metric,
-stats, TensorBoard, progress bar and per-epoch checkpoint handlers), parsed in-process with ConfigWorkflow and the
+The bundle side is the real ``train#trainer`` (SupervisedTrainer with its validation, stats, TensorBoard, progress
+bar and per-epoch checkpoint handlers, and any postprocessing or training metric the config gives it), parsed in-process with ConfigWorkflow and the
 same overrides the command line takes. The plain side is a hand-written loop (forward, loss, backward, Adam step)
 over the same ``train#dataset`` object and transforms, a DataLoader with the same batch size, workers and
 shuffling, a fresh ``network_def`` starting from the same weights, and the same ``loss``, lr and AMP setting; it

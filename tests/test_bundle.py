@@ -25,6 +25,13 @@ def parse(config_files, **overrides) -> ConfigParser:
 TINY_OVERRIDES = {"image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 8, "num_workers": 0}
 
 
+def trained_network(trained, config="configs/inference.yaml") -> torch.nn.Module:
+    """``network_def`` of ``config`` with the weights the session's training wrote, in eval mode."""
+    net = parse([config], device="cpu", **TINY_OVERRIDES).get_parsed_content("network_def")
+    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
+    return net.eval()
+
+
 def test_training_writes_checkpoints_and_logs(trained):
     models = trained / "models"
     assert (models / "model.pt").is_file()
@@ -45,9 +52,7 @@ def test_evaluation_matches_an_independent_computation(demo, trained, tmp_path):
 
     # reference: the network run by hand on the evaluation inputs, metrics in float64 numpy
     parser = parse([TRAIN, "configs/evaluate.yaml"], dataset_dir=str(demo), device="cpu", **TINY_OVERRIDES)
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
-    net.eval()
+    net = trained_network(trained, TRAIN)
     dataset = parser.get_parsed_content("validate#dataset")
     by_name = {r["image"]: r for r in rows}
     for item in dataset:
@@ -95,9 +100,7 @@ def test_inference_writes_a_mask_per_frame_at_its_original_size(demo, trained, t
         assert set(np.unique(np.asarray(mask))) <= {0, 255}, frame.name
 
     # reference for the wide frame: the network by hand, probabilities resized back with torch
-    net = parse(["configs/inference.yaml"], device="cpu", **TINY_OVERRIDES).get_parsed_content("network_def")
-    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
-    net.eval()
+    net = trained_network(trained)
     image = torch.as_tensor(np.asarray(Image.open(tmp_path / "in" / "wide.jpg")), dtype=torch.float32) / 255
     x = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=(32, 32), mode="area")
     with torch.no_grad():
@@ -209,8 +212,6 @@ def test_metadata_verifies_and_torchscript_export_matches(trained, tmp_path):
     run("-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file",
         str(trained / "models" / "model.pt"), "--meta_file", "configs/metadata.json", "--config_file",
         "configs/inference.yaml", "--features", "[4,8,8,16,16]")
-    net = parse(["configs/inference.yaml"], device="cpu", **TINY_OVERRIDES).get_parsed_content("network_def")
-    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(torch.jit.load(str(ts)).eval()(x), net.eval()(x))
+        torch.testing.assert_close(torch.jit.load(str(ts)).eval()(x), trained_network(trained)(x))
