@@ -1,39 +1,303 @@
 # Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
-"""Ignite handlers of the bundle, and the helper that finds the checkpoint to resume from."""
+"""Ignite handlers of the bundle: the difficulty pass, the evaluation report, and what resuming needs."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import random
 import re
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import monai
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.metrics import compute_confusion_matrix_metric
+from monai.transforms import Compose, Randomizable
 
-__all__ = ["latest_checkpoint", "SegmentationReport"]
+from scripts.difficulty import EMPTY_RULES, EpsilonTable, epsilon_from_difficulty, image_difficulty, normalise_difficulty
+from scripts.uncertainty import mc_foreground_samples, uncertainty_maps
+
+__all__ = ["latest_checkpoint", "RandomStates", "DifficultyPass", "SegmentationReport"]
+
+
+def _load_trainer_state(path: Path) -> dict | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("trainer", {})
+    except Exception:  # a file cut short by a crash while it was written raises EOFError, RuntimeError, ...
+        return None
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> str:
-    """The newest resumable checkpoint in ``ckpt_dir``: ``checkpoint_final.pt`` (written at the end of a run or
-    at an exception) or ``checkpoint_epoch=N.pt`` (written every epoch), whichever holds the later epoch."""
+    """
+    The newest readable resume checkpoint in ``ckpt_dir``: ``checkpoint_final.pt`` (written at the end of a run
+    or at an exception) or ``checkpoint_epoch=N.pt`` (written every epoch), whichever holds the later point of
+    training. MONAI writes checkpoints in place, so a run killed while writing one leaves it cut short: such a
+    file is skipped with a warning and the one before it is used (the config keeps two epoch checkpoints).
+    """
     ckpt_dir = Path(ckpt_dir)
     candidates = []
     for path in ckpt_dir.glob("*checkpoint_*.pt"):
         match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path.name)
-        epoch = int(match.group(1)) if match else None
-        if epoch is None and path.name.endswith("checkpoint_final.pt"):
-            state = torch.load(path, map_location="cpu", weights_only=True).get("trainer", {})
-            epoch = state.get("iteration", 0) / max(state.get("epoch_length", 1), 1)  # Ignite saves no epoch
-        if epoch is not None:
-            candidates.append((epoch, path.stat().st_mtime, str(path)))
-    if not candidates:
-        raise FileNotFoundError(f"resume was asked for but {ckpt_dir} holds no checkpoint_epoch=N.pt or "
-                                "checkpoint_final.pt; train without --resume first.")
-    return max(candidates)[2]
+        if match:
+            candidates.append((float(match.group(1)), str(path)))
+        elif path.name.endswith("checkpoint_final.pt"):
+            state = _load_trainer_state(path)
+            if state is not None:  # Ignite saves the iteration, not the epoch
+                candidates.append((state.get("iteration", 0) / max(state.get("epoch_length", 1), 1), str(path)))
+    for _, path in sorted(candidates, reverse=True):
+        if _load_trainer_state(Path(path)) is not None:
+            return path
+        logging.getLogger(__name__).warning(f"skipping unreadable checkpoint {path} (cut short by a crash?)")
+    raise FileNotFoundError(f"resume was asked for but {ckpt_dir} holds no readable checkpoint_epoch=N.pt or "
+                            "checkpoint_final.pt; train without --resume first.")
+
+
+def _numpy_state(state: tuple) -> dict:
+    # as tensors and scalars, so that checkpoints load with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, gauss = state
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+
+
+def _numpy_tuple(state: dict) -> tuple:
+    return "MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"]
+
+
+class RandomStates:
+    """
+    The random state of a training run, as a checkpointable object (``state_dict``/``load_state_dict``): the
+    torch generators (CPU and CUDA), numpy's and Python's global ones, and the own generator of every randomised
+    transform in ``transforms``. Saved with each checkpoint, it makes a resumed run draw exactly the batches,
+    augmentations and dropout masks the uninterrupted run draws (with ``num_workers=0`` the transforms run in
+    this process; with workers, their seeds derive from the torch generator).
+
+    Args:
+        transforms: the pipelines whose randomised transforms to include, e.g. ``train#preprocessing``.
+    """
+
+    def __init__(self, transforms: Sequence[Compose] | Compose = ()) -> None:
+        self.transforms: list[Randomizable] = []
+        self._collect(transforms, set())
+
+    def _collect(self, obj, seen: set) -> None:
+        # dictionary transforms keep array transforms with generators of their own (RandShiftIntensityd.shifter)
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, np.ndarray, torch.Tensor)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable):
+            self.transforms.append(obj)
+        children = obj if isinstance(obj, (list, tuple)) else vars(obj).values() if hasattr(obj, "__dict__") else ()
+        for child in children:
+            self._collect(child, seen)
+
+    def state_dict(self) -> dict:
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": _numpy_state(np.random.get_state()),
+            "python": random.getstate(),
+            "transforms": [_numpy_state(t.R.get_state()) for t in self.transforms],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["transforms"]) != len(self.transforms):
+            raise ValueError(f"checkpoint holds the random state of {len(state['transforms'])} randomised "
+                             f"transforms, this pipeline has {len(self.transforms)}: was the config changed?")
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(_numpy_tuple(state["numpy"]))
+        random.setstate(state["python"])
+        for t, s in zip(self.transforms, state["transforms"]):
+            t.R.set_state(_numpy_tuple(s))
+
+
+class DifficultyPass:
+    """
+    The Monte Carlo dropout difficulty pass of method.md §3-4, as an Ignite handler on the trainer.
+
+    At the start of epoch e (counted from 1) with e >= ``start`` and (e - ``start``) mod ``interval`` = 0, the
+    trainer's network, frozen, makes ``num_samples`` dropout samples of every training image (only dropout
+    stochastic, BatchNorm in eval mode, no gradients; encoder once, decoder N times). From the samples' mutual
+    information it scores each image's difficulty D (mean MI over the ground-truth foreground), normalises D over
+    all images of the pass, ``D_norm = (D - D_p) / (σ_D + δ)``, maps it to
+    ``ε = ε_min + (ε_max - ε_min) sigmoid(k D_norm)`` and writes ε to ``table``, which the loss reads until the
+    next pass. The pass runs inside ``torch.random.fork_rng`` with its own seed (``seed``, epoch and rank), so the
+    training's random stream, and with it every batch and augmentation, is the same as without the pass.
+
+    Under ``torch.distributed`` each process scores every ``world_size``-th image from its rank on and the
+    scores are gathered before the normalisation, so every process ends with the same table.
+
+    Each pass appends one row per image to ``output_dir/difficulty_history.csv`` (``pass, epoch, image, label,
+    D, D_norm, eps``), saves the uncertainty maps of ``num_map_images`` fixed images to
+    ``output_dir/mc_maps/pass_NNN.npz``, logs a one-line summary and, with a ``summary_writer``, TensorBoard
+    scalars and histograms. When training completes it draws the figures of ``scripts.figures``.
+
+    Args:
+        dataset: the training images and labels with deterministic preprocessing only (no augmentation).
+        table: the ε table the loss reads.
+        start: E₀, the first epoch a pass may run at.
+        interval: τ, the number of epochs between passes.
+        num_samples: N, dropout samples per image.
+        percentile, delta: of the normalisation.
+        eps_min, eps_max, sensitivity: of the map from D_norm to ε (k = sensitivity).
+        empty: D of an image with an empty mask, ``"zero"`` or ``"image_mean"``.
+        batch_size, num_workers: of the pass's data loader.
+        chunk_size: at most this many (sample, image) pairs per decoder call, which bounds memory.
+        output_dir: where history, maps and figures go (rank 0 only); None writes nothing.
+        num_map_images: how many fixed training images get their maps saved at every pass.
+        seed: seed of the pass's dropout masks.
+        summary_writer: a TensorBoard ``SummaryWriter``, or None.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        table: EpsilonTable,
+        start: int = 0,
+        interval: int = 10,
+        num_samples: int = 10,
+        percentile: float = 25.0,
+        eps_min: float = 0.0,
+        eps_max: float = 0.5,
+        sensitivity: float = 2.0,
+        empty: str = "zero",
+        delta: float = 1e-9,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        chunk_size: int = 32,
+        output_dir: str | Path | None = None,
+        num_map_images: int = 8,
+        seed: int = 0,
+        summary_writer=None,
+    ) -> None:
+        for name, value, low in (("start", start, 0), ("interval", interval, 1), ("num_samples", num_samples, 2),
+                                 ("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        if empty not in EMPTY_RULES:
+            raise ValueError(f"empty must be one of {EMPTY_RULES}, got {empty!r}.")
+        if not eps_min <= eps_max:
+            raise ValueError(f"eps_min ({eps_min}) must be <= eps_max ({eps_max}).")
+        self.dataset, self.table = dataset, table
+        self.start, self.interval, self.num_samples = start, interval, num_samples
+        self.percentile, self.delta, self.empty = float(percentile), float(delta), empty
+        self.eps_min, self.eps_max, self.sensitivity = float(eps_min), float(eps_max), float(sensitivity)
+        self.batch_size, self.num_workers, self.chunk_size = batch_size, num_workers, chunk_size
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.num_map_images, self.seed, self.writer = num_map_images, seed, summary_writer
+        self.logger = logging.getLogger(__name__)
+
+    def is_due(self, epoch: int) -> bool:
+        """Algorithm 1's schedule (``Events.EPOCH_STARTED(every=τ)`` would never fire at epoch 1)."""
+        return epoch >= self.start and (epoch - self.start) % self.interval == 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED(event_filter=lambda _, epoch: self.is_due(epoch)), self)
+        engine.add_event_handler(Events.COMPLETED, self.write_figures)
+
+    def __call__(self, engine: Engine) -> None:
+        self.run_pass(engine.network, engine.state.epoch)
+
+    def run_pass(self, network: torch.nn.Module, epoch: int) -> dict:
+        """Score every training image with ``network`` and update the table. Returns the pass's image and label
+        ids, D, D_norm and ε (all processes' together, in dataset order) and how many images this process scored."""
+        began = time.perf_counter()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (0, 1)
+        device = next(network.parameters()).device
+        shard = list(range(rank, len(self.dataset), world))
+        map_positions = set(np.random.default_rng(self.seed).permutation(len(shard))[: self.num_map_images].tolist())
+        rows, maps = [], []
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.seed + 100_003 * epoch + rank)
+            loader = monai.data.DataLoader(torch.utils.data.Subset(self.dataset, shard), batch_size=self.batch_size,
+                                           shuffle=False, num_workers=self.num_workers)
+            position = 0
+            for batch in loader:
+                images = batch["image"].as_tensor().to(device)
+                labels = batch["label"].as_tensor().to(device)
+                samples = mc_foreground_samples(network, images, self.num_samples, self.chunk_size)
+                unc = uncertainty_maps(samples)
+                d = image_difficulty(unc["mutual_information"], labels, self.empty).cpu()
+                for b in range(len(images)):
+                    rows.append((shard[position], str(batch["image"].meta["filename_or_obj"][b]),
+                                 str(batch["label"].meta["filename_or_obj"][b]), float(d[b])))
+                    if position in map_positions:
+                        maps.append({"id": rows[-1][1], "image": images[b].cpu(), "label": labels[b, 0].cpu(),
+                                     **{k: v[b].float().cpu() for k, v in unc.items()}})
+                    position += 1
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        rows.sort()  # dataset order, whatever the sharding
+        _, images, labels, d = zip(*rows)
+        d = torch.tensor(d, dtype=torch.float64)
+        d_norm = normalise_difficulty(d, self.percentile, self.delta)
+        eps = epsilon_from_difficulty(d_norm, self.eps_min, self.eps_max, self.sensitivity)
+        self.table.update(labels, eps)
+        seconds = time.perf_counter() - began
+        self.logger.info(
+            f"difficulty pass {self.table.num_passes} at epoch {epoch}: {len(d)} images in {seconds:.1f} s; "
+            f"D min/median/max {d.min():.4g}/{d.median():.4g}/{d.max():.4g}; "
+            f"eps min/median/max {eps.min():.3f}/{eps.median():.3f}/{eps.max():.3f}"
+        )
+        if rank == 0:
+            self._record(epoch, images, labels, d, d_norm, eps, maps, seconds)
+        return {"images": list(images), "labels": list(labels), "D": d, "D_norm": d_norm, "eps": eps,
+                "scored_here": len(shard)}
+
+    def _record(self, epoch, images, labels, d, d_norm, eps, maps, seconds) -> None:
+        k = self.table.num_passes
+        if self.writer is not None:
+            for name, values in (("D", d), ("eps", eps)):
+                self.writer.add_histogram(f"difficulty_pass/{name}", values, epoch)
+                self.writer.add_scalar(f"difficulty_pass/{name}_median", float(values.median()), epoch)
+            self.writer.add_scalar("difficulty_pass/seconds", seconds, epoch)
+            self.writer.flush()
+        if self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        history = self.output_dir / "difficulty_history.csv"
+        new = not history.exists()
+        with open(history, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["pass", "epoch", "image", "label", "D", "D_norm", "eps"])
+            for row in zip(images, labels, d.tolist(), d_norm.tolist(), eps.tolist()):
+                writer.writerow([k, epoch, row[0], row[1], f"{row[2]:.6g}", f"{row[3]:.6g}", f"{row[4]:.6g}"])
+        if maps:
+            (self.output_dir / "mc_maps").mkdir(exist_ok=True)
+            np.savez_compressed(
+                self.output_dir / "mc_maps" / f"pass_{k:03d}.npz", ids=np.array([m["id"] for m in maps]),
+                epoch=epoch, **{key: torch.stack([m[key] for m in maps]).numpy().astype(np.float32)
+                                for key in ("image", "label", "mean", "variance", "entropy", "mutual_information")})
+
+    def write_figures(self, engine: Engine | None = None) -> list[Path]:
+        """The uncertainty-evolution grids of the easiest and hardest mapped image (by the Dice of their last
+        mean prediction) and the ε distribution over the passes; rank 0, when a pass has run."""
+        if self.output_dir is None or not (self.output_dir / "difficulty_history.csv").exists():
+            return []
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return []
+        from scripts.figures import write_figures
+
+        scores = None
+        last = sorted((self.output_dir / "mc_maps").glob("pass_*.npz"))
+        if last:
+            with np.load(last[-1]) as z:
+                pred, gt = z["mean"] > 0.5, z["label"] > 0.5
+                inter = (pred & gt).reshape(len(pred), -1).sum(1)
+                total = pred.reshape(len(pred), -1).sum(1) + gt.reshape(len(gt), -1).sum(1)
+                scores = {str(i): float(2 * n / t) if t else 1.0 for i, n, t in zip(z["ids"], inter, total)}
+        return write_figures(self.output_dir, scores=scores)
 
 
 class SegmentationReport:

@@ -9,7 +9,7 @@ import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["PolyDiceLoss", "theta_squared"]
+__all__ = ["PolyDiceLoss", "AdaptivePolyDiceLoss", "theta_squared"]
 
 # Below this x the closed form loses nothing but its derivative, (d/dx)asin(sqrt(x/2)), is infinite at x = 0.
 _SERIES_X0 = 0.05
@@ -153,3 +153,36 @@ class PolyDiceLoss(_Loss):
         if self.reduction == LossReduction.SUM.value:
             return loss.sum()
         return loss
+
+
+class AdaptivePolyDiceLoss(PolyDiceLoss):
+    """
+    :class:`PolyDiceLoss` whose ε is each image's own, read from an :class:`~scripts.difficulty.EpsilonTable`
+    that the difficulty pass keeps up to date (method.md §3-4).
+
+    The image of each batch item is identified by its ground-truth file path, ``target.meta["filename_or_obj"]``,
+    which MONAI keeps on the label through collation, so neither the position of the item in a shuffled batch
+    nor any iteration hook is involved. Images the table does not hold yet get the table's default ε.
+
+    Args:
+        table: the ε table, shared with the difficulty pass handler.
+        kwargs: the other :class:`PolyDiceLoss` arguments (``order``, ``softmax``, smoothing, ``reduction``).
+    """
+
+    def __init__(self, table, **kwargs) -> None:
+        if "eps" in kwargs:
+            raise ValueError("AdaptivePolyDiceLoss takes its eps from the table; use PolyDiceLoss for a fixed eps.")
+        super().__init__(**kwargs)
+        self.table = table
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, eps=None) -> torch.Tensor:
+        if eps is None:
+            ids = getattr(target, "meta", {}).get("filename_or_obj")
+            if ids is None:
+                raise ValueError("target carries no meta['filename_or_obj'] (a MONAI MetaTensor label with its file "
+                                 "path is needed to look up each image's eps).")
+            ids = [ids] if isinstance(ids, str) else list(ids)
+            if len(ids) != input.shape[0]:
+                raise ValueError(f"target meta names {len(ids)} images for a batch of {input.shape[0]}.")
+            eps = self.table.lookup(ids, device=input.device)
+        return super().forward(input, target, eps)

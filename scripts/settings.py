@@ -41,6 +41,15 @@ _RULES = {
         'a list of five positive integers, e.g. "[64,128,256,512,512]"',
     ),
     "resume": (lambda v: isinstance(v, bool), "True or False (capitalised: --resume True)"),
+    "adaptive": (lambda v: isinstance(v, bool), "True or False (capitalised)"),
+    "mc_start": _int(0),
+    "mc_interval": _int(1),
+    "mc_samples": _int(2),
+    "percentile": _float(0.0, 100.0),
+    "eps_min": _float(-0.5, float("inf")),
+    "eps_max": _float(-0.5, float("inf")),
+    "sensitivity": _float(0.0, float("inf")),
+    "eps_initial": _float(-0.5, float("inf")),
 }
 
 

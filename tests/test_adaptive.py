@@ -1,0 +1,138 @@
+"""The uncertainty-adaptive training: schedule, the pass's side effects, resume, multi-process, end to end."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import BUNDLE_ROOT, TINY, TRAIN, read_json, run
+from ignite.engine import Events
+from monai.bundle import ConfigParser, ConfigWorkflow
+from scripts.difficulty import EpsilonTable
+from scripts.handlers import DifficultyPass
+
+TINY_OVERRIDES = {"image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 8, "num_workers": 0}
+PASSES = ["--mc_start", "1", "--mc_interval", "1", "--mc_samples", "3"]
+
+
+@pytest.mark.parametrize("start,interval,due", [(0, 10, [10, 20]), (1, 1, list(range(1, 21))), (3, 4, [3, 7, 11, 15, 19]),
+                                                (5, 100, [5])])
+def test_schedule_of_algorithm_1(start, interval, due):
+    handler = DifficultyPass(dataset=[], table=EpsilonTable(), start=start, interval=interval)
+    assert [e for e in range(1, 21) if handler.is_due(e)] == due
+
+
+def test_pass_leaves_the_network_untouched(demo):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / TRAIN))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(demo), "mc_samples": 3, "device": "cpu",
+                   "output_dir": None, **TINY_OVERRIDES})
+    handler = [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, DifficultyPass)][0]
+    network = parser.get_parsed_content("network")
+    network.train()
+    network(torch.rand(4, 3, 32, 32)).sum().backward()  # non-trivial BatchNorm statistics and gradients
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    grads = [p.grad.clone() for p in network.parameters()]
+    rng = torch.get_rng_state()
+    result = handler.run_pass(network, epoch=1)
+    assert all(torch.equal(v, before[k]) for k, v in network.state_dict().items()), "weights or BN stats changed"
+    assert all(torch.equal(p.grad, g) for p, g in zip(network.parameters(), grads)), "gradients changed"
+    assert network.training and all(m.training for m in network.modules())
+    assert torch.equal(torch.get_rng_state(), rng), "the pass moved the training's random stream"
+    assert len(result["eps"]) == len(read_json(demo / "datalist.json")["training"]) == result["scored_here"]
+
+
+def _recorded_run(demo, tmp_path, adaptive: bool):
+    """Train 3 epochs in-process; record each iteration's batch and random state."""
+    workflow = ConfigWorkflow(config_file=str(BUNDLE_ROOT / TRAIN), workflow_type="train",
+                              meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
+                              logging_file=str(BUNDLE_ROOT / "configs" / "logging.conf"), bundle_root=str(BUNDLE_ROOT),
+                              dataset_dir=str(demo), ckpt_dir=str(tmp_path / "m"), output_dir=str(tmp_path / "e"),
+                              epochs=3, mc_start=1, mc_interval=1, mc_samples=3, adaptive=adaptive, **TINY_OVERRIDES)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    seen = []
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def record(engine):
+        batch = engine.state.batch
+        seen.append((tuple(batch["label"].meta["filename_or_obj"]), batch["image"].as_tensor().clone(),
+                     torch.get_rng_state().clone()))
+
+    workflow.run()
+    workflow.finalize()
+    return seen, workflow.parser.get_parsed_content("epsilon_table")
+
+
+def test_the_pass_does_not_change_batches_augmentations_or_random_stream(demo, tmp_path):
+    with_pass, table = _recorded_run(demo, tmp_path / "on", adaptive=True)
+    without, untouched = _recorded_run(demo, tmp_path / "off", adaptive=False)
+    assert table.num_passes == 3 and untouched.num_passes == 0
+    assert len(with_pass) == len(without) > 0
+    for (names_a, images_a, rng_a), (names_b, images_b, rng_b) in zip(with_pass, without):
+        assert names_a == names_b
+        assert torch.equal(images_a, images_b)  # same augmentations
+        assert torch.equal(rng_a, rng_b)  # same dropout masks to come
+
+
+def test_adaptive_training_end_to_end(demo, tmp_path):
+    out = tmp_path / "e"
+    run("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--dataset_dir", str(demo), "--epochs", "2",
+        "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(out), *TINY, *PASSES)
+    n_train = len(read_json(demo / "datalist.json")["training"])
+    rows = list(csv.DictReader(open(out / "difficulty_history.csv")))
+    assert {k: sum(r["pass"] == k for r in rows) for k in ("1", "2")} == {"1": n_train, "2": n_train}
+    assert {"epoch", "image", "D", "D_norm", "eps"} <= set(rows[0])
+    last = [float(r["eps"]) for r in rows if r["pass"] == "2"]
+    assert len(set(last)) > n_train // 2 and 0.0 <= min(last) and max(last) <= 0.5  # per-image, in [eps_min, eps_max]
+    state = torch.load(tmp_path / "m" / "checkpoint_final.pt", weights_only=True)
+    assert state["epsilon_table"]["num_passes"] == 2 and len(state["epsilon_table"]["values"]) == n_train
+    saved = dict(state["epsilon_table"]["values"])
+    for r in rows:
+        if r["pass"] == "2":
+            assert saved[r["label"]] == pytest.approx(float(r["eps"]), rel=1e-5)
+    assert {"torch", "numpy", "python", "transforms"} <= set(state["random_states"])
+    assert len(list((out / "mc_maps").glob("pass_*.npz"))) == 2
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert "epsilon_distribution.png" in figures and len([f for f in figures if f.startswith("uncertainty_")]) >= 2
+
+
+def test_a_killed_run_resumes_to_the_same_eps_and_weights(demo, tmp_path):
+    def args(name, *extra):
+        return ["-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--dataset_dir", str(demo),
+                "--epochs", "4", "--ckpt_dir", str(tmp_path / name), "--output_dir", str(tmp_path / f"{name}_e"),
+                *TINY, *PASSES, *extra]
+
+    run(*args("straight"))
+    victim = subprocess.Popen([sys.executable, *args("killed")], cwd=BUNDLE_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "killed" / "checkpoint_epoch=2.pt").exists() and victim.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.02)
+    victim.kill()
+    victim.wait()
+    assert not (tmp_path / "killed" / "checkpoint_final.pt").exists(), "the run finished before it was killed"
+    run(*args("killed", "--resume", "True"))
+    a = torch.load(tmp_path / "straight" / "checkpoint_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoint_final.pt", weights_only=True)
+    assert a["epsilon_table"] == b["epsilon_table"] and a["epsilon_table"]["num_passes"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_two_processes_score_their_shards_and_hold_the_same_table(demo, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29517", str(BUNDLE_ROOT / "tests" / "ddp_pass.py"), str(demo), str(tmp_path)],
+                          cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = read_json(tmp_path / "rank0.json"), read_json(tmp_path / "rank1.json")
+    n_train = len(read_json(demo / "datalist.json")["training"])
+    assert r0["world"] == r1["world"] == 2
+    assert r0["scored_here"] + r1["scored_here"] == n_train and abs(r0["scored_here"] - r1["scored_here"]) <= 1
+    assert r0["table"] == r1["table"] and len(r0["table"]) == n_train and r0["num_passes"] == 1
+    assert r0["D"] == r1["D"]
