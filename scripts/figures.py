@@ -3,7 +3,7 @@
 Figures of the uncertainty-adaptive training (method.md §3-4), drawn from what the MC-dropout pass writes to
 the run's ``output_dir``:
 
-- ``difficulty_history.csv``: one row per image per pass, columns ``pass, epoch, image, D, D_norm, eps``;
+- ``difficulty_history.csv``: one row per image per pass, columns ``pass, epoch, image, label, D, D_norm, eps``;
 - ``mc_maps/pass_{k:03d}.npz``: for a fixed subset of K images, ``ids`` (K,) str, ``epoch`` scalar,
   ``image`` (K, 3, H, W) in [0, 1], ``label`` (K, H, W) 0/1 and the (K, H, W) maps ``mean``, ``variance``,
   ``entropy``, ``mutual_information``. Spatial axes are in MONAI/PIL order (axis 0 is the frame's width).

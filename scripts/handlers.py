@@ -91,7 +91,12 @@ class RandomStates:
         seen.add(id(obj))
         if isinstance(obj, Randomizable):
             self.transforms.append(obj)
-        children = obj if isinstance(obj, (list, tuple)) else vars(obj).values() if hasattr(obj, "__dict__") else ()
+        if isinstance(obj, (list, tuple)):
+            children = obj
+        elif isinstance(obj, dict):
+            children = obj.values()
+        else:
+            children = vars(obj).values() if hasattr(obj, "__dict__") else ()
         for child in children:
             self._collect(child, seen)
 
@@ -133,8 +138,8 @@ class DifficultyPass:
     Under ``torch.distributed`` each process scores every ``world_size``-th image from its rank on and the
     scores are gathered before the normalisation, so every process ends with the same table.
 
-    Each pass appends one row per image to ``output_dir/difficulty_history.csv`` (``pass, epoch, image, label,
-    D, D_norm, eps``), saves the uncertainty maps of ``num_map_images`` fixed images to
+    Each pass adds one row per image to ``output_dir/difficulty_history.csv`` (``pass, epoch, image, label,
+    D, D_norm, eps``; rows of that pass number or later, left by a crashed or older run, are replaced), saves the uncertainty maps of ``num_map_images`` fixed images to
     ``output_dir/mc_maps/pass_NNN.npz``, logs a one-line summary and, with a ``summary_writer``, TensorBoard
     scalars and histograms. When training completes it draws the figures of ``scripts.figures``.
 
@@ -266,11 +271,16 @@ class DifficultyPass:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         history = self.output_dir / "difficulty_history.csv"
-        new = not history.exists()
-        with open(history, "a", newline="") as f:
+        # rows of this pass or later come from a run that crashed after them, or from an older run: drop them
+        kept = []
+        if history.exists():
+            with open(history, newline="") as f:
+                kept = [r for r in csv.reader(f)][1:]
+            kept = [r for r in kept if int(r[0]) < k]
+        with open(history, "w", newline="") as f:
             writer = csv.writer(f)
-            if new:
-                writer.writerow(["pass", "epoch", "image", "label", "D", "D_norm", "eps"])
+            writer.writerow(["pass", "epoch", "image", "label", "D", "D_norm", "eps"])
+            writer.writerows(kept)
             for row in zip(images, labels, d.tolist(), d_norm.tolist(), eps.tolist()):
                 writer.writerow([k, epoch, row[0], row[1], f"{row[2]:.6g}", f"{row[3]:.6g}", f"{row[4]:.6g}"])
         if maps:

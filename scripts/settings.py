@@ -45,11 +45,13 @@ _RULES = {
     "mc_start": _int(0),
     "mc_interval": _int(1),
     "mc_samples": _int(2),
+    "mc_chunk_size": _int(1),
     "percentile": _float(0.0, 100.0),
     "eps_min": _float(-0.5, float("inf")),
     "eps_max": _float(-0.5, float("inf")),
     "sensitivity": _float(0.0, float("inf")),
     "eps_initial": _float(-0.5, float("inf")),
+    "empty_mask_difficulty": (lambda v: v in ("zero", "image_mean"), "zero or image_mean"),
 }
 
 
@@ -68,6 +70,8 @@ def check_settings(**settings) -> bool:
         ok, expected = _RULES[name]
         if not ok(value):
             errors.append(f"--{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if not errors and settings.get("eps_min", 0.0) > settings.get("eps_max", float("inf")):
+        errors.append(f"--eps_min ({settings['eps_min']}) must not exceed --eps_max ({settings['eps_max']})")
     if errors:
         raise ValueError("invalid config value(s):\n  " + "\n  ".join(errors))
     return True

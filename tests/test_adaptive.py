@@ -46,6 +46,22 @@ def test_pass_leaves_the_network_untouched(demo):
     assert len(result["eps"]) == len(read_json(demo / "datalist.json")["training"]) == result["scored_here"]
 
 
+def test_history_keeps_one_set_of_rows_per_pass(demo, tmp_path):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / TRAIN))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(demo), "mc_samples": 2, "device": "cpu",
+                   "output_dir": str(tmp_path), **TINY_OVERRIDES})
+    handler = [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, DifficultyPass)][0]
+    network = parser.get_parsed_content("network")
+    for epoch in (1, 2):
+        handler.run_pass(network, epoch)
+    handler.table.num_passes = 1  # as restored from a checkpoint written between the two passes
+    handler.run_pass(network, 2)  # the pass of epoch 2 again, after the resume
+    rows = list(csv.DictReader(open(tmp_path / "difficulty_history.csv")))
+    n_train = len(read_json(demo / "datalist.json")["training"])
+    assert [sum(r["pass"] == k for r in rows) for k in ("1", "2")] == [n_train, n_train] and len(rows) == 2 * n_train
+
+
 def _recorded_run(demo, tmp_path, adaptive: bool):
     """Train 3 epochs in-process; record each iteration's batch and random state."""
     workflow = ConfigWorkflow(config_file=str(BUNDLE_ROOT / TRAIN), workflow_type="train",

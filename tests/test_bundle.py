@@ -190,6 +190,8 @@ def test_run_id_run_and_no_validation_data_still_saves_the_model(demo, tmp_path)
     (["--resume", "true"], "--resume must be True or False"),
     (["--image_size", "100"], "--image_size must be a multiple of 16"),
     (["--dataset_dir", "/nonexistent/data"], "/nonexistent/data/datalist.json"),
+    (["--eps_min", "0.4", "--eps_max", "0.1"], "--eps_min (0.4) must not exceed --eps_max (0.1)"),
+    (["--empty_mask_difficulty", "skip"], "--empty_mask_difficulty must be zero or image_mean"),
 ])
 def test_bad_overrides_fail_early_with_a_clear_message(args, message, tmp_path):
     proc = run("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--ckpt_dir", str(tmp_path),

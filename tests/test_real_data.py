@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import tifffile
@@ -51,7 +53,16 @@ def test_training_pipeline_keeps_frame_and_mask_aligned(kvasir_slice):
 def test_train_evaluate_and_infer_on_real_frames(kvasir_slice):
     data, out = kvasir_slice / "data", kvasir_slice / "run"
     common = ["--dataset_dir", str(data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), *TINY]
-    run("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--epochs", "2", *common)
+    # the adaptive default, with a difficulty pass at the start of both epochs
+    run("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--epochs", "2", "--mc_start", "1",
+        "--mc_interval", "1", "--mc_samples", "3", *common)
+    n_train = len(read_json(data / "datalist.json")["training"])
+    rows = list(csv.DictReader(open(out / "eval" / "difficulty_history.csv")))
+    assert [sum(r["pass"] == k for r in rows) for k in ("1", "2")] == [n_train, n_train]
+    eps = [float(r["eps"]) for r in rows if r["pass"] == "2"]
+    assert len(set(eps)) == n_train and 0.0 <= min(eps) < max(eps) <= 0.5  # each real frame its own eps
+    assert (out / "eval" / "figures" / "epsilon_distribution.png").is_file()
+    assert torch.load(out / "models" / "checkpoint_final.pt", weights_only=True)["epsilon_table"]["num_passes"] == 2
     run("-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE, *common)
     summary = read_json(out / "eval" / "metrics.json")
     assert summary["num_images"] == len(read_json(data / "datalist.json")["test"])
