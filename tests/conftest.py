@@ -16,6 +16,7 @@ KVASIR = SHARED_DATA / "kvasir-seg"
 CVC = SHARED_DATA / "cvc-clinicdb-sample"
 # small enough for a 2-core CPU: one epoch over the 60-image demo set takes about a second
 TINY = ["--image_size", "32", "--features", "[4,8,8,16,16]", "--batch_size", "8", "--num_workers", "0"]
+TINY_OVERRIDES = {"image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 8, "num_workers": 0}
 TRAIN = "configs/train.yaml"
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
 

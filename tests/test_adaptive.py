@@ -9,13 +9,12 @@ import time
 
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY, TRAIN, read_json, run
+from conftest import BUNDLE_ROOT, TINY, TINY_OVERRIDES, TRAIN, read_json, run
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.difficulty import EpsilonTable
 from scripts.handlers import DifficultyPass
 
-TINY_OVERRIDES = {"image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 8, "num_workers": 0}
 PASSES = ["--mc_start", "1", "--mc_interval", "1", "--mc_samples", "3"]
 
 
@@ -26,13 +25,18 @@ def test_schedule_of_algorithm_1(start, interval, due):
     assert [e for e in range(1, 21) if handler.is_due(e)] == due
 
 
-def test_pass_leaves_the_network_untouched(demo):
+def difficulty_pass(demo, **overrides) -> tuple[DifficultyPass, torch.nn.Module]:
+    """The config's difficulty-pass handler and network, on the demo set with the tiny network."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / TRAIN))
-    parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(demo), "mc_samples": 3, "device": "cpu",
-                   "output_dir": None, **TINY_OVERRIDES})
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(demo), "device": "cpu", **TINY_OVERRIDES,
+                   **overrides})
     handler = [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, DifficultyPass)][0]
-    network = parser.get_parsed_content("network")
+    return handler, parser.get_parsed_content("network")
+
+
+def test_pass_leaves_the_network_untouched(demo):
+    handler, network = difficulty_pass(demo, mc_samples=3, output_dir=None)
     network.train()
     network(torch.rand(4, 3, 32, 32)).sum().backward()  # non-trivial BatchNorm statistics and gradients
     before = {k: v.clone() for k, v in network.state_dict().items()}
@@ -47,12 +51,7 @@ def test_pass_leaves_the_network_untouched(demo):
 
 
 def test_history_keeps_one_set_of_rows_per_pass(demo, tmp_path):
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE_ROOT / TRAIN))
-    parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(demo), "mc_samples": 2, "device": "cpu",
-                   "output_dir": str(tmp_path), **TINY_OVERRIDES})
-    handler = [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, DifficultyPass)][0]
-    network = parser.get_parsed_content("network")
+    handler, network = difficulty_pass(demo, mc_samples=2, output_dir=str(tmp_path))
     for epoch in (1, 2):
         handler.run_pass(network, epoch)
     handler.table.num_passes = 1  # as restored from a checkpoint written between the two passes

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import BUNDLE_ROOT, EVALUATE, SHARED_DATA, TINY, TRAIN, read_json, run
+from conftest import BUNDLE_ROOT, EVALUATE, SHARED_DATA, TINY, TINY_OVERRIDES, TRAIN, read_json, run
 from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 
@@ -22,7 +22,6 @@ def parse(config_files, **overrides) -> ConfigParser:
     return parser
 
 
-TINY_OVERRIDES = {"image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 8, "num_workers": 0}
 
 
 def trained_network(trained, config="configs/inference.yaml") -> torch.nn.Module:
