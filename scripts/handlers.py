@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.metrics import compute_confusion_matrix_metric
+from monai.metrics import compute_confusion_matrix_metric, compute_dice
 from monai.transforms import Compose, Randomizable
 
 from scripts.difficulty import EMPTY_RULES, EpsilonTable, epsilon_from_difficulty, image_difficulty, normalise_difficulty
@@ -41,21 +41,28 @@ def latest_checkpoint(ckpt_dir: str | Path) -> str:
     file is skipped with a warning and the one before it is used (the config keeps two epoch checkpoints).
     """
     ckpt_dir = Path(ckpt_dir)
-    candidates = []
+    candidates = []  # (epoch, path, already known to be readable)
     for path in ckpt_dir.glob("*checkpoint_*.pt"):
         match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path.name)
         if match:
-            candidates.append((float(match.group(1)), str(path)))
+            candidates.append((float(match.group(1)), str(path), False))
         elif path.name.endswith("checkpoint_final.pt"):
             state = _load_trainer_state(path)
             if state is not None:  # Ignite saves the iteration, not the epoch
-                candidates.append((state.get("iteration", 0) / max(state.get("epoch_length", 1), 1), str(path)))
-    for _, path in sorted(candidates, reverse=True):
-        if _load_trainer_state(Path(path)) is not None:
+                epoch = state.get("iteration", 0) / max(state.get("epoch_length", 1), 1)
+                candidates.append((epoch, str(path), True))
+    for _, path, readable in sorted(candidates, reverse=True):
+        if readable or _load_trainer_state(Path(path)) is not None:
             return path
         logging.getLogger(__name__).warning(f"skipping unreadable checkpoint {path} (cut short by a crash?)")
     raise FileNotFoundError(f"resume was asked for but {ckpt_dir} holds no readable checkpoint_epoch=N.pt or "
                             "checkpoint_final.pt; train without --resume first.")
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _numpy_state(state: tuple) -> dict:
@@ -213,8 +220,7 @@ class DifficultyPass:
         """Score every training image with ``network`` and update the table. Returns the pass's image and label
         ids, D, D_norm and ε (all processes' together, in dataset order) and how many images this process scored."""
         began = time.perf_counter()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-            else (0, 1)
+        rank, world = _rank_and_world()
         device = next(network.parameters()).device
         shard = list(range(rank, len(self.dataset), world))
         map_positions = set(np.random.default_rng(self.seed).permutation(len(shard))[: self.num_map_images].tolist())
@@ -295,7 +301,7 @@ class DifficultyPass:
         mean prediction) and the ε distribution over the passes; rank 0, when a pass has run."""
         if self.output_dir is None or not (self.output_dir / "difficulty_history.csv").exists():
             return []
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if _rank_and_world()[0] != 0:
             return []
         from scripts.figures import write_figures
 
@@ -303,10 +309,10 @@ class DifficultyPass:
         last = sorted((self.output_dir / "mc_maps").glob("pass_*.npz"))
         if last:
             with np.load(last[-1]) as z:
-                pred, gt = z["mean"] > 0.5, z["label"] > 0.5
-                inter = (pred & gt).reshape(len(pred), -1).sum(1)
-                total = pred.reshape(len(pred), -1).sum(1) + gt.reshape(len(gt), -1).sum(1)
-                scores = {str(i): float(2 * n / t) if t else 1.0 for i, n, t in zip(z["ids"], inter, total)}
+                pred = torch.as_tensor(z["mean"] > 0.5, dtype=torch.float32)[:, None]
+                gt = torch.as_tensor(z["label"] > 0.5, dtype=torch.float32)[:, None]
+                dice = compute_dice(pred, gt, ignore_empty=False)[:, 0]  # both empty: 1
+                scores = {str(i): float(v) for i, v in zip(z["ids"], dice)}
         return write_figures(self.output_dir, scores=scores)
 
 
