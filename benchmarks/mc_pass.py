@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--images", type=int, default=8, help="M, images scored by each pass and trained on per epoch")
     p.add_argument("--batch-size", type=int, default=8, help="images per pass call and per training step")
     p.add_argument("--chunk-size", type=int, help="(sample, image) pairs per decode call of the fast pass "
-                   "(default: the bundle's mc_chunk_size, 8 on a CPU and 64 on a GPU)")
+                   "(default: the bundle's mc_chunk_size, 1 on a CPU and 64 on a GPU)")
     p.add_argument("--tau", type=int, default=10, help="epochs between passes, for the overhead estimate")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (each: fast pass, naive pass, epoch)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.chunk_size is None:
-        args.chunk_size = 8 if torch.device(args.device).type == "cpu" else 64
+        args.chunk_size = 1 if torch.device(args.device).type == "cpu" else 64
     for name in ("image_size", "samples", "images", "batch_size", "chunk_size", "tau", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

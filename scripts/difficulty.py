@@ -9,10 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from monai.metrics import compute_dice
 
-__all__ = ["EMPTY_RULES", "image_difficulty", "normalise_difficulty", "epsilon_from_difficulty", "EpsilonTable"]
+__all__ = [
+    "EMPTY_RULES", "SIGNALS", "ASSIGNMENTS", "image_difficulty", "dice_error", "normalise_difficulty",
+    "epsilon_from_difficulty", "EpsilonTable",
+]
 
 EMPTY_RULES = ("zero", "image_mean")
+# the difficulty signal of a pass: the method's mutual information, or a control of method.md §7
+SIGNALS = ("mutual_information", "dice_error")
+# how the pass's ε values go to images: by difficulty (the method), or shuffled across images (a control)
+ASSIGNMENTS = ("ranked", "shuffled")
 
 
 def image_difficulty(mutual_information: torch.Tensor, mask: torch.Tensor, empty: str = "zero") -> torch.Tensor:
@@ -42,6 +50,27 @@ def image_difficulty(mutual_information: torch.Tensor, mask: torch.Tensor, empty
     d = (mi * fg).sum(1) / count.clamp_min(1.0)
     fallback = mi.mean(1) if empty == "image_mean" else torch.zeros_like(d)
     return torch.where(count > 0, d, fallback)
+
+
+def dice_error(mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """
+    The control signal of method.md §7: ``1 − Dice`` of the thresholded mean prediction (``mean > 0.5``) against
+    the ground truth, per image (MONAI ``compute_dice``; an image where both are empty scores 0).
+
+    Args:
+        mean: (B, *spatial) mean foreground probability over the dropout samples.
+        mask: (B, *spatial) or (B, 1, *spatial) binary ground truth.
+
+    Returns:
+        (B,) float tensor in [0, 1].
+    """
+    if mask.ndim == mean.ndim + 1 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.shape != mean.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match mean {tuple(mean.shape)}.")
+    pred = (mean[:, None] > 0.5).float()
+    dice = compute_dice(pred, (mask[:, None] > 0.5).float(), include_background=True, ignore_empty=False)
+    return 1.0 - dice[:, 0]
 
 
 def normalise_difficulty(d: torch.Tensor, percentile: float = 25.0, delta: float = 1e-9) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Figures of the uncertainty-adaptive training (method.md §3-4), drawn from what the MC-dropout pass writes to
 the run's ``output_dir``:
 
-- ``difficulty_history.csv``: one row per image per pass, columns ``pass, epoch, image, label, D, D_norm, eps``;
+- ``difficulty_history.csv``: one row per image per pass, columns ``pass, epoch, image, label, D, D_norm, eps,
+  seconds``;
 - ``mc_maps/pass_{k:03d}.npz``: for a fixed subset of K images, ``ids`` (K,) str, ``epoch`` scalar,
   ``image`` (K, 3, H, W) in [0, 1], ``label`` (K, H, W) 0/1 and the (K, H, W) maps ``mean``, ``variance``,
   ``entropy``, ``mutual_information``. Spatial axes are in MONAI/PIL order (axis 0 is the frame's width).
@@ -21,10 +22,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_uncertainty_evolution", "plot_epsilon_distribution", "choose_images", "write_figures"]
+__all__ = ["plot_uncertainty_evolution", "plot_epsilon_distribution", "choose_images", "write_figures", "colour_map"]
 
 # (npz key, column title, colour map, colour range): fixed ranges so that rows (passes) are comparable.
 _MAPS = (
@@ -34,6 +36,27 @@ _MAPS = (
     ("mutual_information", "mutual information (nats)", "magma", (0.0, math.log(2))),  # MI <= entropy
 )
 _HISTORY_COLUMNS = ("pass", "epoch", "image", "D", "D_norm", "eps")
+
+
+def colour_map(values: np.ndarray, key: str) -> np.ndarray:
+    """
+    A map as an 8-bit RGB image for people to look at, with the colours and fixed range of the figures:
+    ``mean`` (a foreground probability) in viridis on [0, 1], ``variance`` in magma on [0, 1/4], ``entropy`` and
+    ``mutual_information`` in magma on [0, log 2]. Fixed ranges make images and runs comparable at a glance.
+
+    Args:
+        values: (*spatial) float map.
+        key: one of ``mean``, ``variance``, ``entropy``, ``mutual_information``.
+
+    Returns:
+        (*spatial, 3) uint8.
+    """
+    ranges = {k: (cmap, lim) for k, _, cmap, lim in _MAPS}
+    if key not in ranges:
+        raise ValueError(f"key must be one of {sorted(ranges)}, got {key!r}.")
+    cmap, (low, high) = ranges[key]
+    scaled = np.clip((np.asarray(values, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    return (colormaps[cmap](scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
 
 
 def _display(a: np.ndarray) -> np.ndarray:

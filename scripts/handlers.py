@@ -13,17 +13,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import monai
+import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.metrics import compute_confusion_matrix_metric, compute_dice
 from monai.transforms import Compose, Randomizable
+from PIL import Image
 
-from scripts.difficulty import EMPTY_RULES, EpsilonTable, epsilon_from_difficulty, image_difficulty, normalise_difficulty
+from scripts.difficulty import (
+    ASSIGNMENTS,
+    EMPTY_RULES,
+    SIGNALS,
+    EpsilonTable,
+    dice_error,
+    epsilon_from_difficulty,
+    image_difficulty,
+    normalise_difficulty,
+)
 from scripts.uncertainty import mc_foreground_samples, uncertainty_maps
 
-__all__ = ["latest_checkpoint", "RandomStates", "DifficultyPass", "SegmentationReport"]
+__all__ = ["latest_checkpoint", "RandomStates", "DifficultyPass", "SegmentationReport", "UncertaintyReport"]
 
 
 def _load_trainer_state(path: Path) -> dict | None:
@@ -142,11 +153,16 @@ class DifficultyPass:
     next pass. The pass runs inside ``torch.random.fork_rng`` with its own seed (``seed``, epoch and rank), so the
     training's random stream, and with it every batch and augmentation, is the same as without the pass.
 
+    Two controls of method.md §7 replace parts of this: ``signal="dice_error"`` scores D as 1 − Dice of the mean
+    prediction instead of the mutual information, and ``assignment="shuffled"`` hands the pass's ε values to the
+    images in a random order (the same values, the same level, no relation to the image's difficulty).
+
     Under ``torch.distributed`` each process scores every ``world_size``-th image from its rank on and the
     scores are gathered before the normalisation, so every process ends with the same table.
 
     Each pass adds one row per image to ``output_dir/difficulty_history.csv`` (``pass, epoch, image, label,
-    D, D_norm, eps``; rows of that pass number or later, left by a crashed or older run, are replaced), saves the uncertainty maps of ``num_map_images`` fixed images to
+    D, D_norm, eps, seconds``, the last the pass's wall time; rows of that pass number or later, left by a crashed
+    or older run, are replaced), saves the uncertainty maps of ``num_map_images`` fixed images to
     ``output_dir/mc_maps/pass_NNN.npz``, logs a one-line summary and, with a ``summary_writer``, TensorBoard
     scalars and histograms. When training completes it draws the figures of ``scripts.figures``.
 
@@ -159,6 +175,9 @@ class DifficultyPass:
         percentile, delta: of the normalisation.
         eps_min, eps_max, sensitivity: of the map from D_norm to ε (k = sensitivity).
         empty: D of an image with an empty mask, ``"zero"`` or ``"image_mean"``.
+        signal: ``"mutual_information"`` (the method) or ``"dice_error"`` (control: 1 − Dice of the mean prediction).
+        assignment: ``"ranked"`` (the method: ε from the image's own D) or ``"shuffled"`` (control: the pass's
+            ε values permuted across images, with a seed of ``seed`` and the epoch, the same in every process).
         batch_size, num_workers: of the pass's data loader.
         chunk_size: at most this many (sample, image) pairs per decoder call, which bounds memory.
         output_dir: where history, maps and figures go (rank 0 only); None writes nothing.
@@ -179,6 +198,8 @@ class DifficultyPass:
         eps_max: float = 0.5,
         sensitivity: float = 2.0,
         empty: str = "zero",
+        signal: str = "mutual_information",
+        assignment: str = "ranked",
         delta: float = 1e-9,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -192,13 +213,16 @@ class DifficultyPass:
                                  ("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-        if empty not in EMPTY_RULES:
-            raise ValueError(f"empty must be one of {EMPTY_RULES}, got {empty!r}.")
+        for name, value, allowed in (("empty", empty, EMPTY_RULES), ("signal", signal, SIGNALS),
+                                     ("assignment", assignment, ASSIGNMENTS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
         if not eps_min <= eps_max:
             raise ValueError(f"eps_min ({eps_min}) must be <= eps_max ({eps_max}).")
         self.dataset, self.table = dataset, table
         self.start, self.interval, self.num_samples = start, interval, num_samples
         self.percentile, self.delta, self.empty = float(percentile), float(delta), empty
+        self.signal, self.assignment = signal, assignment
         self.eps_min, self.eps_max, self.sensitivity = float(eps_min), float(eps_max), float(sensitivity)
         self.batch_size, self.num_workers, self.chunk_size = batch_size, num_workers, chunk_size
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -236,7 +260,10 @@ class DifficultyPass:
                 labels = batch["label"].as_tensor().to(device)
                 samples = mc_foreground_samples(network, images, self.num_samples, self.chunk_size)
                 unc = uncertainty_maps(samples)
-                d = image_difficulty(unc["mutual_information"], labels, self.empty).cpu()
+                if self.signal == "dice_error":
+                    d = dice_error(unc["mean"], labels).cpu()
+                else:
+                    d = image_difficulty(unc["mutual_information"], labels, self.empty).cpu()
                 for b in range(len(images)):
                     rows.append((shard[position], str(batch["image"].meta["filename_or_obj"][b]),
                                  str(batch["label"].meta["filename_or_obj"][b]), float(d[b])))
@@ -253,6 +280,9 @@ class DifficultyPass:
         d = torch.tensor(d, dtype=torch.float64)
         d_norm = normalise_difficulty(d, self.percentile, self.delta)
         eps = epsilon_from_difficulty(d_norm, self.eps_min, self.eps_max, self.sensitivity)
+        if self.assignment == "shuffled":
+            generator = torch.Generator().manual_seed(self.seed + 100_003 * epoch)
+            eps = eps[torch.randperm(len(eps), generator=generator)]
         self.table.update(labels, eps)
         seconds = time.perf_counter() - began
         self.logger.info(
@@ -285,10 +315,11 @@ class DifficultyPass:
             kept = [r for r in kept if int(r[0]) < k]
         with open(history, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["pass", "epoch", "image", "label", "D", "D_norm", "eps"])
+            writer.writerow(["pass", "epoch", "image", "label", "D", "D_norm", "eps", "seconds"])
             writer.writerows(kept)
             for row in zip(images, labels, d.tolist(), d_norm.tolist(), eps.tolist()):
-                writer.writerow([k, epoch, row[0], row[1], f"{row[2]:.6g}", f"{row[3]:.6g}", f"{row[4]:.6g}"])
+                writer.writerow([k, epoch, row[0], row[1], f"{row[2]:.6g}", f"{row[3]:.6g}", f"{row[4]:.6g}",
+                                 f"{seconds:.3f}"])
         if maps:
             (self.output_dir / "mc_maps").mkdir(exist_ok=True)
             np.savez_compressed(
@@ -378,3 +409,79 @@ class SegmentationReport:
             "test metrics over %d images: %s", n, ", ".join(f"{c} {s['mean']:.4f}" for c, s in summary.items()
                                                              if isinstance(s, dict))
         )
+
+
+class UncertaintyReport:
+    """
+    What MC-dropout inference (``configs/inference.yaml`` with ``mc_samples`` > 0) writes for each frame, as each
+    batch completes, from the evaluator's decollated output after ``Invertd`` and ``SplitDimd`` (so every map is
+    at the frame's original size, in MONAI/PIL axis order):
+
+    - ``<stem>_<map>.png``: the probability, variance, entropy and mutual-information maps, colour-mapped on fixed
+      ranges (:func:`scripts.figures.colour_map`) for a person to look at;
+    - ``<stem>_<map>.nii.gz``: the same maps as float32 NIfTI (nibabel; axes x, y = width, height), for programs;
+    - ``uncertainty.csv``: one row per frame, ``image, height, width, area_pixels, area_fraction,
+      mean_mi_foreground, mean_entropy, seconds``. ``mean_mi_foreground`` is the mean mutual information over
+      the *predicted* foreground: the frame's difficulty D of method.md §3 without a ground truth (empty when
+      nothing is predicted). ``seconds`` is the frame's share of its batch's time (inference and postprocessing).
+
+    Rows are appended batch by batch, so a run stopped part-way keeps the frames it finished.
+
+    Args:
+        output_dir: folder of the files (the one the masks go to).
+        mask_key: key of the binary mask in the output items.
+        prefix: prefix of the map keys made by ``SplitDimd`` (``pred_probability``, ``pred_variance``, ...).
+    """
+
+    MAPS = {"probability": "mean", "variance": "variance", "entropy": "entropy",
+            "mutual_information": "mutual_information"}  # output name: colour scheme of scripts.figures
+    COLUMNS = ("image", "height", "width", "area_pixels", "area_fraction", "mean_mi_foreground", "mean_entropy",
+               "seconds")
+
+    def __init__(self, output_dir: str | Path, mask_key: str = "mask", prefix: str = "pred_") -> None:
+        self.output_dir = Path(output_dir)
+        self.mask_key, self.prefix = mask_key, prefix
+        self.csv_path = self.output_dir / "uncertainty.csv"
+        self._began = 0.0
+        from scripts.figures import colour_map  # matplotlib only where maps are drawn
+
+        self._colour_map = colour_map
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._tick)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _start(self, engine: Engine) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.csv_path, "w", newline="") as f:
+            csv.writer(f).writerow(self.COLUMNS)
+
+    def _tick(self, engine: Engine) -> None:
+        self._began = time.perf_counter()
+
+    def __call__(self, engine: Engine) -> None:
+        items = engine.state.output
+        items = items if isinstance(items, list) else monai.data.decollate_batch(items)
+        rows = []
+        for item in items:
+            missing = [k for k in (self.mask_key, *(self.prefix + m for m in self.MAPS)) if k not in item]
+            if missing:
+                raise KeyError(f"the inference output lacks {missing}: mc_samples > 0 and the SplitDimd of "
+                               "configs/inference.yaml are needed for the uncertainty report.")
+            source = str(item[self.mask_key].meta["filename_or_obj"])
+            # (W, H), PIL order
+            arrays = {name: item[self.prefix + name].detach().cpu().numpy()[0] for name in self.MAPS}
+            stem = self.output_dir / Path(source).stem
+            for name, scheme in self.MAPS.items():
+                # NIfTI axes x, y = the frame's width, height (PIL order), 1 unit per pixel
+                nib.save(nib.Nifti1Image(arrays[name].astype(np.float32), np.eye(4)), f"{stem}_{name}.nii.gz")
+                rgb = self._colour_map(arrays[name], scheme).transpose(1, 0, 2)  # (H, W, 3) for PIL
+                Image.fromarray(rgb).save(f"{stem}_{name}.png")
+            mask = item[self.mask_key].detach().cpu().numpy()[0] > 0.5
+            mi, entropy = arrays["mutual_information"], arrays["entropy"]
+            rows.append([source, mask.shape[1], mask.shape[0], int(mask.sum()), f"{mask.mean():.6f}",
+                         f"{mi[mask].mean():.6g}" if mask.any() else "", f"{entropy.mean():.6g}"])
+        seconds = (time.perf_counter() - self._began) / max(len(rows), 1)
+        with open(self.csv_path, "a", newline="") as f:
+            csv.writer(f).writerows(row + [f"{seconds:.4f}"] for row in rows)

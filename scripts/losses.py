@@ -9,7 +9,7 @@ import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["PolyDiceLoss", "AdaptivePolyDiceLoss", "theta_squared"]
+__all__ = ["PolyDiceLoss", "AdaptivePolyDiceLoss", "WeightedSumLoss", "theta_squared"]
 
 # Below this x the closed form loses nothing but its derivative, (d/dx)asin(sqrt(x/2)), is infinite at x = 0.
 _SERIES_X0 = 0.05
@@ -186,3 +186,30 @@ class AdaptivePolyDiceLoss(PolyDiceLoss):
                 raise ValueError(f"target meta names {len(ids)} images for a batch of {input.shape[0]}.")
             eps = self.table.lookup(ids, device=input.device)
         return super().forward(input, target, eps)
+
+
+class WeightedSumLoss(_Loss):
+    """
+    ``L = Σ_i w_i L_i(input, target)``: a weighted sum of losses that each take the same ``(input, target)``, so
+    that a config can combine MONAI losses, e.g. Dice with a distance term (Karimi and Salcudean's Hausdorff
+    loss is used beside Dice, not alone). Each term keeps its own reduction; they must give tensors of one shape.
+
+    Args:
+        losses: the terms, e.g. ``[DiceLoss(...), LogHausdorffDTLoss(...)]``.
+        weights: one non-negative weight per term (default: all 1).
+    """
+
+    def __init__(self, losses, weights=None) -> None:
+        super().__init__()
+        losses = list(losses)
+        weights = [1.0] * len(losses) if weights is None else [float(w) for w in weights]
+        if not losses or len(weights) != len(losses):
+            raise ValueError(f"need at least one loss and one weight per loss, got {len(losses)} losses and "
+                             f"{len(weights)} weights.")
+        if any(w < 0 for w in weights):
+            raise ValueError(f"weights must be non-negative, got {weights}.")
+        self.losses = torch.nn.ModuleList(losses)
+        self.weights = weights
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(w * loss(input, target) for w, loss in zip(self.weights, self.losses))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numbers
 
+from scripts.difficulty import ASSIGNMENTS, EMPTY_RULES, SIGNALS
+
 __all__ = ["check_settings"]
 
 
@@ -44,14 +46,17 @@ _RULES = {
     "adaptive": (lambda v: isinstance(v, bool), "True or False (capitalised)"),
     "mc_start": _int(0),
     "mc_interval": _int(1),
-    "mc_samples": _int(2),
+    "mc_samples": (lambda v: _int(0)[0](v) and v != 1, "0 (inference without MC dropout) or an integer >= 2"),
     "mc_chunk_size": _int(1),
     "percentile": _float(0.0, 100.0),
     "eps_min": _float(-0.5, float("inf")),
     "eps_max": _float(-0.5, float("inf")),
     "sensitivity": _float(0.0, float("inf")),
     "eps_initial": _float(-0.5, float("inf")),
-    "empty_mask_difficulty": (lambda v: v in ("zero", "image_mean"), "zero or image_mean"),
+    "empty_mask_difficulty": (lambda v: v in EMPTY_RULES, " or ".join(EMPTY_RULES)),
+    "difficulty_signal": (lambda v: v in SIGNALS, " or ".join(SIGNALS)),
+    "eps_assignment": (lambda v: v in ASSIGNMENTS, " or ".join(ASSIGNMENTS)),
+    "eval_split": (lambda v: v in ("test", "validation", "training"), "a datalist key: test, validation or training"),
 }
 
 
@@ -70,6 +75,9 @@ def check_settings(**settings) -> bool:
         ok, expected = _RULES[name]
         if not ok(value):
             errors.append(f"--{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if not errors and settings.get("adaptive") and settings.get("mc_samples", 2) < 2:
+        errors.append(f"--mc_samples must be >= 2 for adaptive training (the pass needs samples), "
+                      f"got {settings['mc_samples']}")
     if not errors and settings.get("eps_min", 0.0) > settings.get("eps_max", float("inf")):
         errors.append(f"--eps_min ({settings['eps_min']}) must not exceed --eps_max ({settings['eps_max']})")
     if errors:

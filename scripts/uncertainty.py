@@ -14,11 +14,15 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
 from torch import nn
 
 from scripts.networks import mc_dropout
 
-__all__ = ["binary_entropy", "mc_foreground_samples", "mc_foreground_samples_naive", "uncertainty_maps"]
+__all__ = [
+    "binary_entropy", "mc_foreground_samples", "mc_foreground_samples_naive", "uncertainty_maps", "MCDropoutInferer",
+]
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -214,3 +218,50 @@ def mc_foreground_samples_naive(network: nn.Module, images: torch.Tensor, num_sa
         for n in range(num_samples):
             out[n] = _foreground(net(images), (b, 2, h, w))
     return out
+
+
+class MCDropoutInferer(Inferer):
+    """
+    A MONAI inferer that predicts with Monte Carlo dropout and returns the uncertainty with the prediction, so
+    that bundle inference (``configs/inference.yaml``, ``mc_samples`` > 0) reuses the training's fast pass.
+
+    For ``num_samples`` = N >= 2 it runs :func:`mc_foreground_samples` (encoder once, decoder N times) and
+    returns ``(B, 5, H, W)`` float32 with the channels of :meth:`output_names`:
+
+        [1 − ȳ, ȳ, variance, entropy, mutual information]        (ȳ the mean foreground probability)
+
+    For ``num_samples`` = 0 it is plain deterministic inference: one forward pass (in the network's current
+    mode, eval in an evaluator) and the softmax, ``(B, 2, H, W)`` = ``[1 − p, p]``. Either way channels 0-1 are
+    class probabilities, so the same postprocessing makes the mask.
+
+    Args:
+        num_samples: N, dropout samples per image (>= 2), or 0 for deterministic inference.
+        chunk_size: at most this many (sample, image) pairs per decoder call (see :func:`mc_foreground_samples`).
+    """
+
+    MAPS = ("variance", "entropy", "mutual_information")
+
+    def __init__(self, num_samples: int = 10, chunk_size: int = 64) -> None:
+        super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples == 1 or num_samples < 0:
+            raise ValueError(f"num_samples must be 0 (deterministic) or an int >= 2, got {num_samples!r}.")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}.")
+        self.num_samples, self.chunk_size = num_samples, chunk_size
+
+    @classmethod
+    def output_names(cls, num_samples: int) -> list[str]:
+        """Names of the output channels: ``background, probability`` and, for N >= 2, the three maps."""
+        return ["background", "probability", *(cls.MAPS if num_samples else ())]
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
+        if self.num_samples == 0:
+            with _autocast(inputs):
+                logits = network(inputs, *args, **kwargs)
+            foreground = _foreground(logits, (inputs.shape[0], 2, *inputs.shape[2:]))
+            out = torch.stack([1.0 - foreground, foreground], dim=1)
+        else:
+            maps = uncertainty_maps(mc_foreground_samples(network, inputs, self.num_samples, self.chunk_size))
+            out = torch.stack([1.0 - maps["mean"], maps["mean"], *(maps[k] for k in self.MAPS)], dim=1)
+        # the input's meta data and applied transforms ride along, as on a network's output, for Invertd
+        return convert_to_dst_type(out, inputs, dtype=out.dtype)[0]

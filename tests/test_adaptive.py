@@ -29,8 +29,9 @@ def difficulty_pass(demo, **overrides) -> tuple[DifficultyPass, torch.nn.Module]
     """The config's difficulty-pass handler and network, on the demo set with the tiny network."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / TRAIN))
+    # no TensorBoard writer: with output_dir None it would log to ./runs of the working directory
     parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(demo), "device": "cpu", **TINY_OVERRIDES,
-                   **overrides})
+                   "train#summary_writer": None, **overrides})
     handler = [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, DifficultyPass)][0]
     return handler, parser.get_parsed_content("network")
 
@@ -59,6 +60,35 @@ def test_history_keeps_one_set_of_rows_per_pass(demo, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "difficulty_history.csv")))
     n_train = len(read_json(demo / "datalist.json")["training"])
     assert [sum(r["pass"] == k for r in rows) for k in ("1", "2")] == [n_train, n_train] and len(rows) == 2 * n_train
+
+
+def test_shuffled_control_hands_out_the_same_eps_values_in_another_order(demo):
+    ranked, network = difficulty_pass(demo, mc_samples=3, output_dir=None)
+    shuffled, _ = difficulty_pass(demo, mc_samples=3, output_dir=None, eps_assignment="shuffled")
+    a, b = ranked.run_pass(network, epoch=1), shuffled.run_pass(network, epoch=1)
+    assert torch.equal(a["D"], b["D"]) and a["labels"] == b["labels"]  # same scores: only the assignment differs
+    assert torch.equal(b["eps"].sort().values, a["eps"].sort().values)  # the same values ...
+    assert not torch.equal(b["eps"], a["eps"])  # ... not in difficulty order
+    assert [shuffled.table.values[k] for k in b["labels"]] == b["eps"].tolist()
+    assert a["eps"].argmax() == a["D"].argmax()  # ranked: the hardest image gets the largest eps
+
+
+def test_dice_error_control_scores_one_minus_dice_of_the_mean_prediction(demo):
+    from monai.metrics import compute_dice
+    from scripts.uncertainty import mc_foreground_samples
+
+    handler, network = difficulty_pass(demo, mc_samples=3, output_dir=None, difficulty_signal="dice_error")
+    result = handler.run_pass(network, epoch=1)
+    # an independent recomputation: the same seeded dropout masks, MONAI's Dice of the thresholded mean
+    batch = next(iter(torch.utils.data.DataLoader(handler.dataset, batch_size=len(handler.dataset),
+                                                  collate_fn=__import__("monai").data.list_data_collate)))
+    with torch.random.fork_rng():
+        torch.manual_seed(handler.seed + 100_003 * 1)
+        mean = torch.cat([mc_foreground_samples(network, batch["image"].as_tensor()[i:i + handler.batch_size], 3,
+                                                handler.chunk_size).mean(0)
+                          for i in range(0, len(handler.dataset), handler.batch_size)])
+    dice = compute_dice((mean[:, None] > 0.5).float(), (batch["label"].as_tensor() > 0.5).float(), ignore_empty=False)
+    assert torch.allclose(result["D"], 1 - dice[:, 0].double(), atol=1e-6)
 
 
 def _recorded_run(demo, tmp_path, adaptive: bool):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,8 +112,37 @@ def test_inference_writes_a_mask_per_frame_at_its_original_size(demo, trained, t
     assert (written == expected).mean() > 0.95
 
 
-@pytest.mark.parametrize("overlay,loss_type", [("dice", "DiceLoss"), ("focal", "FocalLoss"),
-                                               ("polydice1", "PolyDiceLoss")])
+def test_mc_inference_writes_maps_nifti_and_a_csv_row_per_frame(demo, trained, tmp_path):
+    import nibabel as nib
+
+    frames = _frames(tmp_path / "in", demo)
+    out = tmp_path / "out"
+    run("-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--input_dir", str(tmp_path / "in"),
+        "--output_dir", str(out), "--ckpt_dir", str(trained / "models"), "--image_size", "32",
+        "--features", "[4,8,8,16,16]", "--num_workers", "0", "--mc_samples", "4")
+    rows = {Path(r["image"]).name: r for r in csv.DictReader(open(out / "uncertainty.csv"))}
+    assert sorted(rows) == sorted(f.name for f in frames)
+    for frame in frames:
+        height, width = tifffile.imread(frame).shape[:2] if frame.suffix == ".tif" else Image.open(frame).size[::-1]
+        mask = np.asarray(Image.open(out / f"{frame.stem}_mask.png")).T > 0  # PNG (H, W) -> PIL order (W, H)
+        maps = {k: np.asarray(nib.load(out / f"{frame.stem}_{k}.nii.gz").dataobj)
+                for k in ("probability", "variance", "entropy", "mutual_information")}
+        assert all(m.shape == (width, height) and m.dtype == np.float32 for m in maps.values()), frame.name
+        assert Image.open(out / f"{frame.stem}_mutual_information.png").size == (width, height)
+        np.testing.assert_array_equal(mask, maps["probability"] >= 0.5)  # the mask is the mean prediction's
+        assert maps["mutual_information"].min() > -1e-5 and maps["entropy"].max() <= np.log(2) + 1e-5
+        assert (maps["mutual_information"] <= maps["entropy"] + 1e-5).all()  # epistemic part of the total
+        row = rows[frame.name]
+        assert (int(row["width"]), int(row["height"]), int(row["area_pixels"])) == (width, height, mask.sum())
+        if mask.any():
+            assert float(row["mean_mi_foreground"]) == pytest.approx(maps["mutual_information"][mask].mean(),
+                                                                     rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("overlay,loss_type", [
+    ("dice", "DiceLoss"), ("focal", "FocalLoss"), ("polydice1", "PolyDiceLoss"),
+    ("generalized_dice", "GeneralizedDiceLoss"), ("dice_focal", "DiceFocalLoss"), ("dice_hausdorff", "WeightedSumLoss"),
+])
 def test_loss_overlays(overlay, loss_type, demo, tmp_path):
     files = f"['configs/train.yaml','configs/loss/{overlay}.yaml']"
     extra = ["--eps", "0.3"] if overlay == "polydice1" else []
@@ -128,6 +158,16 @@ def test_loss_overlays(overlay, loss_type, demo, tmp_path):
         assert loss.batch is False and loss.squared_pred is True
     if overlay == "focal":
         assert loss.gamma == 2.0
+    if overlay == "dice_hausdorff":
+        assert [type(t).__name__ for t in loss.losses] == ["DiceLoss", "LogHausdorffDTLoss"]
+    assert parser.get_parsed_content("adaptive") is False  # a fixed-shape baseline runs no difficulty pass
+
+
+def test_adaptive_overlay_restores_the_adaptive_loss_after_another_overlay():
+    parser = parse([TRAIN, "configs/loss/dice.yaml", "configs/loss/adaptive_polydice1.yaml"])
+    loss = parser.get_parsed_content("loss")
+    assert type(loss).__name__ == "AdaptivePolyDiceLoss" and loss.table is parser.get_parsed_content("epsilon_table")
+    assert parser.get_parsed_content("adaptive") is True
 
 
 def test_top_level_ids_are_honoured(demo):
@@ -191,6 +231,8 @@ def test_run_id_run_and_no_validation_data_still_saves_the_model(demo, tmp_path)
     (["--dataset_dir", "/nonexistent/data"], "/nonexistent/data/datalist.json"),
     (["--eps_min", "0.4", "--eps_max", "0.1"], "--eps_min (0.4) must not exceed --eps_max (0.1)"),
     (["--empty_mask_difficulty", "skip"], "--empty_mask_difficulty must be zero or image_mean"),
+    (["--difficulty_signal", "loss"], "--difficulty_signal must be mutual_information or dice_error"),
+    (["--eps_assignment", "random"], "--eps_assignment must be ranked or shuffled"),
 ])
 def test_bad_overrides_fail_early_with_a_clear_message(args, message, tmp_path):
     proc = run("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--ckpt_dir", str(tmp_path),

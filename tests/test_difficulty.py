@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from scripts.difficulty import EpsilonTable, epsilon_from_difficulty, image_difficulty, normalise_difficulty
+from scripts.difficulty import (
+    EpsilonTable,
+    dice_error,
+    epsilon_from_difficulty,
+    image_difficulty,
+    normalise_difficulty,
+)
 from scripts.losses import AdaptivePolyDiceLoss, PolyDiceLoss
 
 
@@ -27,6 +33,18 @@ def test_difficulty_is_the_mean_mi_over_the_foreground():
         image_difficulty(torch.as_tensor(mi), torch.as_tensor(mask), empty="nan")
     with pytest.raises(ValueError, match="does not match"):
         image_difficulty(torch.as_tensor(mi), torch.as_tensor(mask)[:, :3])
+
+
+def test_dice_error_by_hand():
+    mean = torch.zeros(3, 4, 4)
+    mask = torch.zeros(3, 1, 4, 4)
+    mean[0, :2, :2], mask[0, 0, :2, :2] = 0.9, 1  # perfect
+    mean[1, :2, :] = 0.7
+    mask[1, 0, :2, :2] = 1  # 4 of 8 predicted pixels right: Dice = 2*4 / (8 + 4)
+    # image 2: both empty, no error
+    np.testing.assert_allclose(dice_error(mean, mask).numpy(), [0.0, 1 - 8 / 12, 0.0], atol=1e-6)
+    with pytest.raises(ValueError, match="does not match"):
+        dice_error(mean, mask[:, :, :2])
 
 
 def test_normalisation_and_epsilon_against_numpy():

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
-from monai.losses import DiceLoss
+from monai.losses import DiceLoss, LogHausdorffDTLoss
 
-from scripts.losses import PolyDiceLoss, theta_squared
+from scripts.losses import PolyDiceLoss, WeightedSumLoss, theta_squared
 
 B, H, W = 4, 16, 16
 
@@ -182,3 +182,16 @@ def test_reductions_and_target_dtype():
     prob = torch.softmax(logits, 1)
     torch.testing.assert_close(PolyDiceLoss(softmax=False, reduction="none")(prob[:, 1:], mask),
                                PolyDiceLoss(reduction="none")(logits, mask))
+
+
+def test_weighted_sum_is_the_weighted_sum_of_its_terms():
+    logits, mask = _data(torch.float32)
+    dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, squared_pred=True)
+    hausdorff = LogHausdorffDTLoss(include_background=False, to_onehot_y=True, softmax=True)
+    expected = 1.0 * dice(logits, mask) + 0.3 * hausdorff(logits, mask)
+    assert torch.allclose(WeightedSumLoss([dice, hausdorff], [1.0, 0.3])(logits, mask), expected)
+    assert torch.allclose(WeightedSumLoss([dice])(logits, mask), dice(logits, mask))
+    with pytest.raises(ValueError, match="one weight per loss"):
+        WeightedSumLoss([dice, hausdorff], [1.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        WeightedSumLoss([dice], [-1.0])

@@ -319,3 +319,26 @@ def test_argument_errors():
     for bad in (torch.tensor(0.5), torch.rand(0, 4), [0.5]):
         with pytest.raises(ValueError, match="samples"):
             uncertainty_maps(bad)
+
+
+def test_mc_inferer_channels_against_the_deterministic_forward_and_the_maps():
+    from monai.data import MetaTensor
+    from scripts.uncertainty import MCDropoutInferer
+
+    torch.manual_seed(0)
+    net = DropoutUNet(3, 2, features=(4, 8, 8, 16, 16), dropout=0.0).eval()
+    x = MetaTensor(torch.rand(2, 3, 32, 32), meta={"filename_or_obj": ["a.png", "b.png"]})
+    with torch.no_grad():
+        expected = torch.softmax(net(x.as_tensor()), 1)
+    plain = MCDropoutInferer(0)(x, net)
+    mc = MCDropoutInferer(3, chunk_size=2)(x, net)
+    assert plain.shape == (2, 2, 32, 32) and mc.shape == (2, 5, 32, 32)
+    assert isinstance(mc, MetaTensor) and mc.meta["filename_or_obj"] == ["a.png", "b.png"]  # for Invertd
+    torch.testing.assert_close(plain.as_tensor(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mc.as_tensor()[:, :2], expected, atol=1e-6, rtol=0)  # p = 0: all samples equal
+    torch.testing.assert_close(mc.as_tensor()[:, 3], binary_entropy(expected[:, 1]), atol=1e-6, rtol=0)
+    assert mc[:, 2].abs().max() < 1e-6 and mc[:, 4].abs().max() < 1e-6  # no variance, no mutual information
+    assert MCDropoutInferer.output_names(3)[1:] == ["probability", "variance", "entropy", "mutual_information"]
+    for bad in (1, -1, True):
+        with pytest.raises(ValueError, match="num_samples must be 0"):
+            MCDropoutInferer(bad)

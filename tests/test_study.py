@@ -1,0 +1,98 @@
+"""The loss-comparison study runner (benchmarks/study.py): runs, ordering, resume, and the report's numbers."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from conftest import BUNDLE_ROOT, TINY_OVERRIDES, read_json, run
+from scipy.stats import wilcoxon
+
+STUDY = BUNDLE_ROOT / "benchmarks" / "study.py"
+
+
+def study_module():
+    spec = importlib.util.spec_from_file_location("study", STUDY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_trains_orders_resumes_and_reports(demo, tmp_path):
+    spec = {
+        "budget": {**TINY_OVERRIDES, "epochs": 2, "mc_start": 1, "mc_interval": 1, "mc_samples": 2},
+        "splits": {"demo": str(demo)},
+        "seeds": [0],
+        "baseline": "dice",
+        "methods": {
+            "dice": {"configs": ["configs/loss/dice.yaml"]},
+            "adaptive": {"configs": ["configs/loss/adaptive_polydice1.yaml"]},
+            "fixed_mean": {"configs": ["configs/loss/polydice1.yaml"], "eps_from": "adaptive"},
+        },
+        "select": {"best": {"label": "best fixed", "from": ["dice", "fixed_mean"]}},
+    }
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "out"
+    proc = run(str(STUDY), str(study_file), "--output", str(out), "--jobs", "2")
+    assert "[  3/3] done" in proc.stdout
+
+    # the fixed-eps control trains at the mean eps the adaptive run ended with
+    history = list(csv.DictReader(open(out / "demo" / "adaptive" / "seed0" / "train" / "difficulty_history.csv")))
+    last = max(int(r["pass"]) for r in history)
+    final_mean = np.mean([float(r["eps"]) for r in history if int(r["pass"]) == last])
+    fixed = out / "demo" / "fixed_mean" / "seed0"
+    assert read_json(fixed / "run.json")["eps"] == pytest.approx(final_mean)
+    assert f"--eps={read_json(fixed / 'run.json')['eps']}" in (fixed / "train.log").read_text()
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["method"] for r in rows] == ["dice", "adaptive", "fixed_mean", "best"]
+    for r in rows[:3]:
+        test = read_json(out / "demo" / r["method"] / "seed0" / "test" / "metrics.json")
+        val = read_json(out / "demo" / r["method"] / "seed0" / "validation" / "metrics.json")
+        assert float(r["dice_mean"]) == pytest.approx(test["dice"]["mean"], abs=1e-5)
+        assert float(r["val_dice_mean"]) == pytest.approx(val["dice"]["mean"], abs=1e-5)
+    best = max(rows[::2][:2], key=lambda r: float(r["val_dice_mean"]))  # chosen on validation, among dice/fixed
+    assert rows[3]["label"].endswith(best["label"]) and rows[3]["dice_mean"] == best["dice_mean"]
+    assert "| dice | 1 |" in (out / "results_tables.md").read_text()
+    for png in ("dice_boxplot_demo.png", "eps_over_training_demo.png"):
+        assert (out / png).stat().st_size > 5000
+
+    # started again: finished runs are kept; a run cut short after its first epoch resumes from that checkpoint
+    dice = out / "demo" / "dice" / "seed0"
+    for name in ("checkpoint_final.pt", "checkpoint_epoch=2.pt"):
+        (dice / "models" / name).unlink()
+    (dice / "run.json").write_text(json.dumps({"train_attempts": 1, "train_seconds": 1.0}))
+    proc = run(str(STUDY), str(study_file), "--output", str(out), "--jobs", "2")
+    assert "2 already done, 1 to run" in proc.stdout
+    log = (dice / "train.log").read_text().split("\n$ ")[-1]
+    assert "--resume=True" in log and "resuming from iteration" in log and "epoch 1" in log
+    assert read_json(dice / "run.json")["train_attempts"] == 2
+
+
+def test_paired_comparison_pairs_images_by_name_and_averages_seeds():
+    study = study_module()
+    rng = np.random.default_rng(0)
+    images = [f"img{i:02d}.png" for i in range(30)]
+    base = {i: rng.uniform(0.5, 0.9, 2).tolist() for i in images}  # two seeds
+    other = {i: (np.array(v) + rng.normal(0.03, 0.05, 2)).tolist() for i, v in base.items()}
+    shuffled = dict(reversed(list(other.items())))  # another order: pairing must go by name
+
+    def entry(per_image):
+        summary = {m: {"mean": 0.7} for m in study.METRICS}
+        return {"seeds": [0, 1], "test": [summary, summary], "val_dice": [0.7, 0.7], "images": per_image,
+                "train_minutes": [1.0, 1.0], "eps": []}
+
+    spec = {"baseline": "base", "methods": {"base": {}, "other": {}}, "splits": {"s": ""}}
+    rows = study.table_rows(spec, {"s": {"base": entry(base), "other": entry(shuffled)}})
+    a = np.array([np.mean(other[i]) for i in images])
+    b = np.array([np.mean(base[i]) for i in images])
+    assert rows[1]["wilcoxon_p"] == pytest.approx(wilcoxon(a, b).pvalue)
+    assert rows[1]["median_dice_diff"] == pytest.approx(np.median(a - b))
+    assert rows[0]["wilcoxon_p"] == ""  # the baseline is not compared with itself
