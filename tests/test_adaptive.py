@@ -181,3 +181,24 @@ def test_two_processes_score_their_shards_and_hold_the_same_table(demo, tmp_path
     assert r0["scored_here"] + r1["scored_here"] == n_train and abs(r0["scored_here"] - r1["scored_here"]) <= 1
     assert r0["table"] == r1["table"] and len(r0["table"]) == n_train and r0["num_passes"] == 1
     assert r0["D"] == r1["D"]
+
+
+def test_multi_gpu_train_config_under_torchrun_with_gloo(demo, tmp_path):
+    """configs/multi_gpu_train.yaml, 2 CPU processes: DDP training with the pass sharded, rank-0 checkpoints."""
+    files = "['configs/train.yaml','configs/multi_gpu_train.yaml']"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", "-m",
+         "monai.bundle", "run", "training", "--config_file", files, "--backend", "gloo", "--device", "cpu",
+         "--dataset_dir", str(demo), "--epochs", "2", "--ckpt_dir", str(tmp_path / "m"),
+         "--output_dir", str(tmp_path / "e"), *TINY, *PASSES[:4], "--mc_samples", "2"],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    n_train = len(read_json(demo / "datalist.json")["training"])
+    state = torch.load(tmp_path / "m" / "checkpoint_final.pt", weights_only=True)
+    assert state["epsilon_table"]["num_passes"] == 2 and len(state["epsilon_table"]["values"]) == n_train
+    from scripts.networks import DropoutUNet
+
+    for saved in (state["model"], torch.load(tmp_path / "m" / "model.pt", weights_only=True)):
+        DropoutUNet(3, 2, features=(4, 8, 8, 16, 16)).load_state_dict(saved)  # the module, not the DDP wrapper
+    rows = list(csv.DictReader(open(tmp_path / "e" / "difficulty_history.csv")))
+    assert len(rows) == 2 * n_train and len({r["label"] for r in rows}) == n_train  # both shards, written once
