@@ -361,6 +361,9 @@ class SegmentationReport:
             ``{"dice": "test_dice", "iou": "test_iou", "precision": "test_precision", "recall": "test_recall"}``.
             Names whose details hold confusion matrices (MONAI ``ConfusionMatrix`` handler) are turned into
             the column's metric (precision, recall, ...) image by image.
+
+    Under ``torch.distributed`` (``configs/multi_gpu_evaluate.yaml``) every process must attach it: the image names
+    are gathered to match the metric details, which MONAI gathers, and rank 0 writes the files.
     """
 
     def __init__(self, output_dir: str | Path, metric_names: dict[str, str]) -> None:
@@ -390,14 +393,22 @@ class SegmentationReport:
             if values.ndim == 3 and values.shape[-1] == 4:  # (images, classes, [tp, fp, tn, fn])
                 values = compute_confusion_matrix_metric(column, values)
             columns[column] = values.reshape(len(values), -1).mean(1).cpu().numpy()
+        images = self._images
+        rank, world = _rank_and_world()
+        if world > 1:  # MONAI gathers the details of all processes in rank order; gather the names the same way
+            gathered = [None] * world
+            dist.all_gather_object(gathered, images)
+            images = [name for part in gathered for name in part]
+            if rank != 0:
+                return
         n = len(next(iter(columns.values())))
-        if len(self._images) != n:
-            raise RuntimeError(f"collected {len(self._images)} image names for {n} metric rows.")
+        if len(images) != n:
+            raise RuntimeError(f"collected {len(images)} image names for {n} metric rows.")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "metrics.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image", *columns])
-            for i, image in enumerate(self._images):
+            for i, image in enumerate(images):
                 writer.writerow([image, *(f"{columns[c][i]:.6f}" for c in columns)])
         summary = {
             c: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)), "median": float(np.nanmedian(v))}
