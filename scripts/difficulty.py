@@ -23,6 +23,15 @@ SIGNALS = ("mutual_information", "dice_error")
 ASSIGNMENTS = ("ranked", "shuffled")
 
 
+def _match_mask(mask: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    """``mask`` as (B, *spatial) like the per-pixel map ``like`` (a (B, 1, *spatial) mask loses its channel)."""
+    if mask.ndim == like.ndim + 1 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.shape != like.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {name} {tuple(like.shape)}.")
+    return mask
+
+
 def image_difficulty(mutual_information: torch.Tensor, mask: torch.Tensor, empty: str = "zero") -> torch.Tensor:
     """
     Per-image difficulty ``D = (1/|P|) Σ_{(i,j)∈P} I_ij``, the mean mutual information over the ground-truth
@@ -39,11 +48,7 @@ def image_difficulty(mutual_information: torch.Tensor, mask: torch.Tensor, empty
     """
     if empty not in EMPTY_RULES:
         raise ValueError(f"empty must be one of {EMPTY_RULES}, got {empty!r}.")
-    if mask.ndim == mutual_information.ndim + 1 and mask.shape[1] == 1:
-        mask = mask[:, 0]
-    if mask.shape != mutual_information.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match mutual_information "
-                         f"{tuple(mutual_information.shape)}.")
+    mask = _match_mask(mask, mutual_information, "mutual_information")
     mi = mutual_information.flatten(1).float()
     fg = (mask.flatten(1) > 0.5).to(mi.dtype)
     count = fg.sum(1)
@@ -64,10 +69,7 @@ def dice_error(mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Returns:
         (B,) float tensor in [0, 1].
     """
-    if mask.ndim == mean.ndim + 1 and mask.shape[1] == 1:
-        mask = mask[:, 0]
-    if mask.shape != mean.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match mean {tuple(mean.shape)}.")
+    mask = _match_mask(mask, mean, "mean")
     pred = (mean[:, None] > 0.5).float()
     dice = compute_dice(pred, (mask[:, None] > 0.5).float(), include_background=True, ignore_empty=False)
     return 1.0 - dice[:, 0]

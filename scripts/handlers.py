@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.metrics import compute_confusion_matrix_metric, compute_dice
+from monai.metrics import compute_confusion_matrix_metric
 from monai.transforms import Compose, Randomizable
 from PIL import Image
 
@@ -340,9 +340,7 @@ class DifficultyPass:
         last = sorted((self.output_dir / "mc_maps").glob("pass_*.npz"))
         if last:
             with np.load(last[-1]) as z:
-                pred = torch.as_tensor(z["mean"] > 0.5, dtype=torch.float32)[:, None]
-                gt = torch.as_tensor(z["label"] > 0.5, dtype=torch.float32)[:, None]
-                dice = compute_dice(pred, gt, ignore_empty=False)[:, 0]  # both empty: 1
+                dice = 1.0 - dice_error(torch.as_tensor(z["mean"]), torch.as_tensor(z["label"]))  # both empty: 1
                 scores = {str(i): float(v) for i, v in zip(z["ids"], dice)}
         return write_figures(self.output_dir, scores=scores)
 
