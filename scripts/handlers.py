@@ -438,7 +438,7 @@ class UncertaintyReport:
 
     Args:
         output_dir: folder of the files (the one the masks go to).
-        mask_key: key of the binary mask in the output items.
+        mask_key: key of the binary mask in the output items, (1, W, H) or (W, H).
         prefix: prefix of the map keys made by ``SplitDimd`` (``pred_probability``, ``pred_variance``, ...).
     """
 
@@ -447,7 +447,7 @@ class UncertaintyReport:
     COLUMNS = ("image", "height", "width", "area_pixels", "area_fraction", "mean_mi_foreground", "mean_entropy",
                "seconds")
 
-    def __init__(self, output_dir: str | Path, mask_key: str = "mask", prefix: str = "pred_") -> None:
+    def __init__(self, output_dir: str | Path, mask_key: str = "pred", prefix: str = "pred_") -> None:
         self.output_dir = Path(output_dir)
         self.mask_key, self.prefix = mask_key, prefix
         self.csv_path = self.output_dir / "uncertainty.csv"
@@ -487,8 +487,8 @@ class UncertaintyReport:
                 nib.save(nib.Nifti1Image(arrays[name].astype(np.float32), np.eye(4)), f"{stem}_{name}.nii.gz")
                 rgb = self._colour_map(arrays[name], scheme).transpose(1, 0, 2)  # (H, W, 3) for PIL
                 Image.fromarray(rgb).save(f"{stem}_{name}.png")
-            mask = item[self.mask_key].detach().cpu().numpy()[0] > 0.5
             mi, entropy = arrays["mutual_information"], arrays["entropy"]
+            mask = item[self.mask_key].detach().cpu().numpy().reshape(mi.shape) > 0.5
             rows.append([source, mask.shape[1], mask.shape[0], int(mask.sum()), f"{mask.mean():.6f}",
                          f"{mi[mask].mean():.6g}" if mask.any() else "", f"{entropy.mean():.6g}"])
         seconds = (time.perf_counter() - self._began) / max(len(rows), 1)

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from monai.bundle import ConfigParser
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("POLYP_SHARED_DATA", BUNDLE_ROOT.parent / "shared" / "data"))
@@ -56,3 +58,17 @@ def trained(demo, tmp_path_factory) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def parse(config_files, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / f) for f in config_files])
+    parser.update({"bundle_root": str(BUNDLE_ROOT), **overrides})
+    return parser
+
+
+def trained_network(trained, config="configs/inference.yaml") -> torch.nn.Module:
+    """``network_def`` of ``config`` with the weights the session's training wrote, in eval mode."""
+    net = parse([config], device="cpu", **TINY_OVERRIDES).get_parsed_content("network_def")
+    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
+    return net.eval()

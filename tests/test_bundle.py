@@ -11,25 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import BUNDLE_ROOT, EVALUATE, SHARED_DATA, TINY, TINY_OVERRIDES, TRAIN, read_json, run
-from monai.bundle import ConfigParser, ConfigWorkflow
+from conftest import (BUNDLE_ROOT, EVALUATE, SHARED_DATA, TINY, TINY_OVERRIDES, TRAIN, parse, read_json, run,
+                      trained_network)
+from monai.bundle import ConfigWorkflow
 from PIL import Image
-
-
-def parse(config_files, **overrides) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / f) for f in config_files])
-    parser.update({"bundle_root": str(BUNDLE_ROOT), **overrides})
-    return parser
-
-
-
-
-def trained_network(trained, config="configs/inference.yaml") -> torch.nn.Module:
-    """``network_def`` of ``config`` with the weights the session's training wrote, in eval mode."""
-    net = parse([config], device="cpu", **TINY_OVERRIDES).get_parsed_content("network_def")
-    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
-    return net.eval()
 
 
 def test_training_writes_checkpoints_and_logs(trained):

@@ -1,0 +1,30 @@
+"""The bundle in a real MONAI Label server (apps/monailabel/check_server.py), where a MONAI Label environment exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import BUNDLE_ROOT, KVASIR, needs
+
+LABEL_PYTHON = Path(os.environ.get("MONAILABEL_PYTHON", BUNDLE_ROOT / ".venv-label" / "bin" / "python"))
+
+
+@needs(KVASIR)
+@pytest.mark.skipif(not LABEL_PYTHON.is_file(), reason=f"no MONAI Label environment at {LABEL_PYTHON}: create it "
+                    "from apps/monailabel/requirements.txt (docs/README.md) or set MONAILABEL_PYTHON")
+def test_monailabel_server_infers_trains_and_scores_with_the_bundle(tmp_path):
+    proc = subprocess.run(
+        [str(LABEL_PYTHON), "apps/monailabel/check_server.py", "--work", str(tmp_path / "monailabel"), "--data",
+         str(KVASIR), "--image-size", "96", "--features", "16", "32", "64", "128", "128", "--port", "8127"],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
+    assert summary["ok"]
+    assert summary["inference"]["polyp_pixels"] > 0 and summary["inference"]["pixels_differing"] == 0
+    assert summary["training"]["tensors_changed"] > 0
+    scores = summary["scores"]
+    assert summary["next_image"] == max(scores, key=lambda s: scores[s]["polyp_mi"])
