@@ -202,3 +202,5 @@ def test_multi_gpu_train_config_under_torchrun_with_gloo(demo, tmp_path):
         DropoutUNet(3, 2, features=(4, 8, 8, 16, 16)).load_state_dict(saved)  # the module, not the DDP wrapper
     rows = list(csv.DictReader(open(tmp_path / "e" / "difficulty_history.csv")))
     assert len(rows) == 2 * n_train and len({r["label"] for r in rows}) == n_train  # both shards, written once
+    # rank 0's training and validation writers only: no empty event file from rank 1
+    assert len(list((tmp_path / "e").glob("events.out.tfevents.*"))) == 2

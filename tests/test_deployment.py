@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,14 +96,8 @@ def test_mlflow_tracking_records_training_and_evaluation(demo, tmp_path):
                                                                  rel=1e-5)
 
 
-def test_monailabel_training_contract(demo, trained, tmp_path):
-    """
-    What MONAI Label's ``BundleTrainTask`` (0.8.5) does to ``train.yaml``, without a server: the training and
-    validation lists given as ``train#dataset#data`` / ``validate#dataset#data`` (labels as 0/1 PNGs), a
-    ``CheckpointLoader`` of the current weights inserted at the head of ``train#handlers``, ``max_epochs`` set on
-    the trainer, and ``monai.bundle.run`` with ``init_id=None``, so ``initialize`` is skipped. ``dataset_dir``
-    points nowhere: nothing may read the bundle's own datalist. (apps/monailabel/check_server.py does it for real.)
-    """
+def monailabel_bundle(demo, trained, tmp_path) -> tuple[Path, list[dict], list[dict]]:
+    """A copy of the bundle with the session's model, and demo training/validation items with 0/1 PNG labels."""
     datalist = read_json(demo / "datalist.json")
     labels = tmp_path / "labels"
     labels.mkdir()
@@ -110,18 +105,20 @@ def test_monailabel_training_contract(demo, trained, tmp_path):
     for item in datalist["training"][:8] + datalist["validation"][:2]:
         mask = np.asarray(Image.open(demo / item["label"]).convert("L")) > 127
         label = labels / (demo / item["label"]).with_suffix(".png").name
-        Image.fromarray(mask.astype(np.uint8)).save(label)
+        Image.fromarray(mask.astype(np.uint8)).save(label)  # as MONAI Label's viewers save labels
         items.append({"image": str(demo / item["image"]), "label": str(label)})
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE_ROOT / "configs", bundle / "configs")
     shutil.copytree(BUNDLE_ROOT / "scripts", bundle / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
     (bundle / "models").mkdir()
     shutil.copy(trained / "models" / "model.pt", bundle / "models" / "model.pt")
+    return bundle, items[:8], items[8:]
 
-    script = tmp_path / "monailabel_train.py"
-    script.write_text(textwrap.dedent(f"""
+
+def monailabel_overrides(bundle: Path, train: list[dict], val: list[dict]) -> str:
+    """Python source of BundleTrainTask's overrides (monailabel 0.8.5), with the tiny network of the tests."""
+    return textwrap.dedent(f"""
         import sys
-        import monai.bundle
         from monai.bundle import ConfigParser
 
         bundle = {str(bundle)!r}
@@ -131,19 +128,62 @@ def test_monailabel_training_contract(demo, trained, tmp_path):
         handlers = config.get("train#handlers", [])
         handlers.insert(0, {{"_target_": "CheckpointLoader", "load_path": bundle + "/models/model.pt",
                              "load_dict": {{"model": "$@network"}}, "strict": False}})
-        monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=bundle + "/configs/metadata.json",
-                         config_file=bundle + "/configs/train.yaml", bundle_root=bundle, device="cpu",
-                         dataset_dir="/nonexistent", **{{"train#trainer#max_epochs": 2, "train#handlers": handlers,
-                         "train#dataset#data": {items[:8]!r}, "validate#dataset#data": {items[8:]!r},
-                         "mc_interval": 1, "image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 4,
-                         "num_workers": 0}})
-    """))
-    proc = run(str(script))
-    assert "Restored all variables from" in proc.stdout + proc.stderr  # the inserted loader ran
+        overrides = {{"bundle_root": bundle, "train#trainer#max_epochs": 2, "train#dataset#data": {train!r},
+                      "device": "cpu", "train#handlers": handlers, "validate#dataset#data": {val!r},
+                      "dataset_dir": "/nonexistent", "mc_interval": 1, "image_size": 32,
+                      "features": [4, 8, 8, 16, 16], "batch_size": 4, "num_workers": 0}}
+    """)
+
+
+def check_monailabel_training(proc, bundle: Path, trained: Path, train: list[dict], loaders: int) -> None:
+    assert (proc.stdout + proc.stderr).count("Restored all variables from") == loaders  # the inserted loader ran
     before = torch.load(trained / "models" / "model.pt", weights_only=True)
     after = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert set(after) == set(before) and any(not torch.equal(before[k], after[k]) for k in before)
     # the difficulty pass scored exactly the list MONAI Label gave, at both epochs
     history = (bundle / "eval" / "difficulty_history.csv").read_text().splitlines()[1:]
-    scored = {line.split(",")[2] for line in history}
-    assert scored == {it["image"] for it in items[:8]} and len(history) == 2 * 8
+    assert {line.split(",")[2] for line in history} == {it["image"] for it in train} and len(history) == 2 * 8
+
+
+def test_monailabel_training_contract(demo, trained, tmp_path):
+    """
+    What MONAI Label's ``BundleTrainTask`` (0.8.5) does to ``train.yaml``, without a server: the training and
+    validation lists given as ``train#dataset#data`` / ``validate#dataset#data`` (labels as 0/1 PNGs), a
+    ``CheckpointLoader`` of the current weights inserted at the head of ``train#handlers``, ``max_epochs`` set on
+    the trainer, and ``monai.bundle.run`` with ``init_id=None``, so ``initialize`` is skipped. ``dataset_dir``
+    points nowhere: nothing may read the bundle's own datalist. (apps/monailabel/check_server.py does it for real.)
+    """
+    bundle, train, val = monailabel_bundle(demo, trained, tmp_path)
+    script = tmp_path / "monailabel_train.py"
+    script.write_text(monailabel_overrides(bundle, train, val) + textwrap.dedent("""
+        import monai.bundle
+
+        monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=bundle + "/configs/metadata.json",
+                         config_file=bundle + "/configs/train.yaml", **overrides)
+    """))
+    check_monailabel_training(run(str(script)), bundle, trained, train, loaders=1)
+
+
+def test_monailabel_multi_gpu_training_contract(demo, trained, tmp_path):
+    """
+    MONAI Label's multi-GPU training: the overrides written into ``configs/monailabel_train.json``, then torchrun
+    with ``multi_gpu_train.yaml`` on top (here 2 gloo processes on the CPU). Every replica must load the inserted
+    CheckpointLoader's weights, or DDP would train from different starting points.
+    """
+    bundle, train, val = monailabel_bundle(demo, trained, tmp_path)
+    script = tmp_path / "monailabel_export.py"
+    script.write_text(monailabel_overrides(bundle, train, val) + textwrap.dedent("""
+        for k, v in overrides.items():
+            config.set(v, k)
+        ConfigParser.export_config_file(config.config, bundle + "/configs/monailabel_train.json", indent=2)
+    """))
+    run(str(script))
+    files = f"['{bundle}/configs/monailabel_train.json','{bundle}/configs/multi_gpu_train.yaml']"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+         "--master_port", "29527", "-m", "monai.bundle", "run", "run", "--meta_file",
+         f"{bundle}/configs/metadata.json", "--config_file", files, "--logging_file",
+         f"{bundle}/configs/logging.conf", "--backend", "gloo", "--device", "cpu"],
+        cwd=bundle, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_monailabel_training(proc, bundle, trained, train, loaders=2)
