@@ -184,13 +184,19 @@ def test_two_processes_score_their_shards_and_hold_the_same_table(demo, tmp_path
 
 
 def test_multi_gpu_train_config_under_torchrun_with_gloo(demo, tmp_path):
-    """configs/multi_gpu_train.yaml, 2 CPU processes: DDP training with the pass sharded, rank-0 checkpoints."""
+    """
+    configs/multi_gpu_train.yaml, 2 CPU processes: DDP training with the pass sharded, rank-0 checkpoints, and
+    ``--tracking mlflow`` with MONAI's local store (``output_dir/mlruns.db``) written by rank 0 alone.
+    """
+    import mlflow  # requirements-dev.txt
+
     files = "['configs/train.yaml','configs/multi_gpu_train.yaml']"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", "-m",
          "monai.bundle", "run", "training", "--config_file", files, "--backend", "gloo", "--device", "cpu",
          "--dataset_dir", str(demo), "--epochs", "2", "--ckpt_dir", str(tmp_path / "m"),
-         "--output_dir", str(tmp_path / "e"), *TINY, *PASSES[:4], "--mc_samples", "2"],
+         "--output_dir", str(tmp_path / "e"), *TINY, *PASSES[:4], "--mc_samples", "2", "--tracking", "mlflow",
+         "--experiment_name", "polyp"],
         cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     n_train = len(read_json(demo / "datalist.json")["training"])
@@ -204,3 +210,7 @@ def test_multi_gpu_train_config_under_torchrun_with_gloo(demo, tmp_path):
     assert len(rows) == 2 * n_train and len({r["label"] for r in rows}) == n_train  # both shards, written once
     # rank 0's training and validation writers only: no empty event file from rank 1
     assert len(list((tmp_path / "e").glob("events.out.tfevents.*"))) == 2
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'e' / 'mlruns.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("polyp").experiment_id])  # one run: rank 0's
+    losses = client.get_metric_history(tracked.info.run_id, "train_loss")
+    assert tracked.info.status == "FINISHED" and len(losses) == state["trainer"]["iteration"]
