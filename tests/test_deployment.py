@@ -15,6 +15,7 @@ import torch
 import yaml
 from conftest import BUNDLE_ROOT, EVALUATE, TINY, TRAIN, parse, read_json, run, trained_network
 from PIL import Image
+from scripts.data import binarize_mask
 
 
 def test_onnx_export_gives_the_checkpoint_output(trained, tmp_path):
@@ -103,9 +104,9 @@ def monailabel_bundle(demo, trained, tmp_path) -> tuple[Path, list[dict], list[d
     labels.mkdir()
     items = []
     for item in datalist["training"][:8] + datalist["validation"][:2]:
-        mask = np.asarray(Image.open(demo / item["label"]).convert("L")) > 127
+        mask = np.moveaxis(np.atleast_3d(np.asarray(Image.open(demo / item["label"]))), -1, 0)  # (C, H, W)
         label = labels / (demo / item["label"]).with_suffix(".png").name
-        Image.fromarray(mask.astype(np.uint8)).save(label)  # as MONAI Label's viewers save labels
+        Image.fromarray(binarize_mask(mask)[0].astype(np.uint8)).save(label)  # as MONAI Label's viewers save labels
         items.append({"image": str(demo / item["image"]), "label": str(label)})
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE_ROOT / "configs", bundle / "configs")

@@ -47,6 +47,9 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(BUNDLE_ROOT))
+from scripts.data import binarize_mask  # noqa: E402  the bundle's mask rule
+
 APP_MAIN = Path(__file__).resolve().parent / "main.py"
 NAME = "polyp_bundle"
 BUNDLE_PARTS = ("configs", "scripts", "LICENSE", "README.md")
@@ -72,9 +75,9 @@ def bundle_cli(*args: str, cwd: Path, log: Path) -> None:
 
 
 def binary_png(mask_path: Path, out: Path) -> None:
-    """A Kvasir mask (RGB JPEG, ~47 grey levels) as the 0/1 PNG a MONAI Label viewer saves."""
-    grey = np.asarray(Image.open(mask_path).convert("L"))
-    Image.fromarray((grey > 127).astype(np.uint8)).save(out)
+    """A Kvasir mask (RGB JPEG, ~47 grey levels), binarised as the bundle does, as a MONAI Label viewer's 0/1 PNG."""
+    mask = np.moveaxis(np.atleast_3d(np.asarray(Image.open(mask_path))), -1, 0)  # (C, H, W)
+    Image.fromarray(binarize_mask(mask)[0].astype(np.uint8)).save(out)
 
 
 def assemble(args) -> dict:
@@ -229,12 +232,11 @@ def run_checks(ctx: dict, args, summary: dict) -> None:
     after = torch.load(model_pt, map_location="cpu", weights_only=True)
     changed = sum(not torch.equal(before[k], after[k]) for k in before)
     check(set(after) == set(before) and changed > 0, f"new weights: {changed}/{len(before)} tensors changed")
-    sys.path.insert(0, str(ctx["bundle"]))
-    from scripts.networks import DropoutUNet  # the bundle's network, as configs/inference.yaml builds it
-
-    features = ConfigParser.load_config_file(ctx["bundle"] / "configs" / "inference.yaml")["features"]
+    inference = ConfigParser()
+    inference.read_config(str(ctx["bundle"] / "configs" / "inference.yaml"))
+    inference.update({"bundle_root": str(ctx["bundle"]), "device": "cpu"})
     try:
-        DropoutUNet(in_channels=3, out_channels=2, features=features).load_state_dict(after)
+        inference.get_parsed_content("network_def").load_state_dict(after)
     except RuntimeError as e:
         raise CheckFailed(f"the new model.pt does not load into the bundle's network: {e}") from e
     check(True, "the new model.pt loads strictly into the bundle's network_def")
@@ -272,7 +274,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="folder for the app, studies and logs (replaced)")
     parser.add_argument("--data", type=Path, default=BUNDLE_ROOT.parent / "shared" / "data" / "kvasir-seg",
                         help="a Kvasir-SEG folder (images/*.jpg, masks/*.jpg)")
-    parser.add_argument("--model", type=Path, help="weights for models/model.pt (default: train 1 epoch)")
+    parser.add_argument("--model", type=Path, help="weights for models/model.pt (default: train them, --train-frames/--train-epochs)")
     parser.add_argument("--train-frames", type=int, default=60, help="frames of the bundle's own training")
     parser.add_argument("--train-epochs", type=int, default=15)
     parser.add_argument("--image-size", type=int, help="image_size of the bundle copy (default: the bundle's)")
