@@ -56,6 +56,16 @@ def trained(demo, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def torchscript(trained, tmp_path_factory) -> Path:
+    """``trained``'s model exported by the Model Zoo's ``ckpt_export``, as ``model.ts``."""
+    ts = tmp_path_factory.mktemp("torchscript") / "model.ts"
+    run("-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file",
+        str(trained / "models" / "model.pt"), "--meta_file", "configs/metadata.json", "--config_file",
+        "configs/inference.yaml", "--features", "[4,8,8,16,16]")
+    return ts
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -227,7 +227,7 @@ def test_bad_overrides_fail_early_with_a_clear_message(args, message, tmp_path):
     assert not list(tmp_path.glob("*.pt"))
 
 
-def test_metadata_verifies_and_torchscript_export_matches(trained, tmp_path):
+def test_metadata_verifies_and_torchscript_export_matches(trained, torchscript):
     schema = SHARED_DATA.parent / "schemas" / "meta_schema_20240725.json"
     if schema.is_file():
         run("-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
@@ -236,13 +236,9 @@ def test_metadata_verifies_and_torchscript_export_matches(trained, tmp_path):
     assert (BUNDLE_ROOT / "metadata.json").resolve() == (BUNDLE_ROOT / "configs" / "metadata.json").resolve()
     run("-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
         "--config_file", "configs/inference.yaml", "--features", "[4,8,8,16,16]")
-    ts = tmp_path / "model.ts"
-    run("-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file",
-        str(trained / "models" / "model.pt"), "--meta_file", "configs/metadata.json", "--config_file",
-        "configs/inference.yaml", "--features", "[4,8,8,16,16]")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(torch.jit.load(str(ts)).eval()(x), trained_network(trained)(x))
+        torch.testing.assert_close(torch.jit.load(str(torchscript)).eval()(x), trained_network(trained)(x))
 
 
 def test_multi_gpu_evaluate_config_matches_single_process_evaluation(demo, trained, tmp_path):

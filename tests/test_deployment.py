@@ -33,7 +33,7 @@ def test_onnx_export_gives_the_checkpoint_output(trained, tmp_path):
     np.testing.assert_allclose(session.run(None, {image.name: x.numpy()})[0], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_large_files_name_the_weights_the_workflows_read(trained, tmp_path):
+def test_large_files_name_the_weights_the_workflows_read(trained, torchscript, tmp_path):
     entries = yaml.safe_load((BUNDLE_ROOT / "large_files.yml").read_text())["large_files"]
     assert [e["path"] for e in entries] == ["models/model.pt", "models/model.ts"]
     inference = parse(["configs/inference.yaml"])
@@ -43,11 +43,7 @@ def test_large_files_name_the_weights_the_workflows_read(trained, tmp_path):
     assert ignored.stdout.split() == ["models/model.pt", "models/model.ts"], "weights must stay out of git"
 
     # MONAI's own downloader reads the file as written, once url and hash are filled in (here: local copies)
-    ts = tmp_path / "model.ts"
-    run("-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file",
-        str(trained / "models" / "model.pt"), "--meta_file", "configs/metadata.json", "--config_file",
-        "configs/inference.yaml", "--features", "[4,8,8,16,16]")
-    sources = {"models/model.pt": trained / "models" / "model.pt", "models/model.ts": ts}
+    sources = {"models/model.pt": trained / "models" / "model.pt", "models/model.ts": torchscript}
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     for e in entries:
