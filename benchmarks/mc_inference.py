@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle's `sc
 
 import torch  # noqa: E402
 from scripts.networks import DropoutUNet  # noqa: E402
-from scripts.uncertainty import MCDropoutInferer  # noqa: E402
+from scripts.uncertainty import MCDropoutInferer, auto_chunk_size  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=10, help="N of MC inference (>= 2)")
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--chunk-size", type=int, help="default: the bundle's mc_chunk_size (1 on a CPU, 64 on a GPU)")
+    p.add_argument("--chunk-size", type=int, help="default: the bundle's mc_chunk_size auto (auto_chunk_size)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int)
     args = p.parse_args()
@@ -43,7 +43,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    chunk = args.chunk_size or (1 if device.type == "cpu" else 64)
+    chunk = args.chunk_size or auto_chunk_size(torch.empty(1, args.features[0], args.image_size, args.image_size,
+                                                           device=device))
     torch.manual_seed(0)
     net = DropoutUNet(3, 2, features=args.features, dropout=0.5).to(device).eval()
     images = torch.rand(args.images, 1, 3, args.image_size, args.image_size, device=device)

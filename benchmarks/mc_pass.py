@@ -39,7 +39,12 @@ sys.path.insert(0, str(BUNDLE_ROOT))  # the bundle's `scripts` package
 import torch  # noqa: E402
 from scripts.losses import PolyDiceLoss  # noqa: E402
 from scripts.networks import DropoutUNet  # noqa: E402
-from scripts.uncertainty import mc_foreground_samples, mc_foreground_samples_naive, uncertainty_maps  # noqa: E402
+from scripts.uncertainty import (  # noqa: E402
+    auto_chunk_size,
+    mc_foreground_samples,
+    mc_foreground_samples_naive,
+    uncertainty_maps,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,15 +56,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--images", type=int, default=8, help="M, images scored by each pass and trained on per epoch")
     p.add_argument("--batch-size", type=int, default=8, help="images per pass call and per training step")
     p.add_argument("--chunk-size", type=int, help="(sample, image) pairs per decode call of the fast pass "
-                   "(default: the bundle's mc_chunk_size, 1 on a CPU and 64 on a GPU)")
+                   "(default: the bundle's mc_chunk_size auto, scripts.uncertainty.auto_chunk_size)")
     p.add_argument("--tau", type=int, default=10, help="epochs between passes, for the overhead estimate")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (each: fast pass, naive pass, epoch)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 on a shared, busy CPU")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.chunk_size is None:
-        args.chunk_size = 1 if torch.device(args.device).type == "cpu" else 64
+    if args.chunk_size is None:  # what mc_chunk_size auto chooses for this network, image size and device
+        skip = torch.empty(1, args.features[0], args.image_size, args.image_size, device=args.device)
+        args.chunk_size = auto_chunk_size(skip)
     for name in ("image_size", "samples", "images", "batch_size", "chunk_size", "tau", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -18,35 +18,61 @@ import torch
 from monai.config import KeysCollection
 from monai.data import PILReader
 from monai.transforms import MapTransform
-from PIL import Image
+from monai.utils import ensure_tuple
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from scripts.errors import InputError
+from scripts.files import atomic_write
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "LOSSY_SUFFIXES",
+    "LABEL_INDEX_MAX",
     "PILTiffReader",
     "BinarizeMaskd",
     "binarize_mask",
+    "is_lossless",
     "list_images",
     "find_pairs",
+    "unpaired_masks",
     "check_pairs",
+    "load_datalist",
     "split_pairs",
     "write_datalist",
     "make_demo_dataset",
+    "spatial_size",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+LOSSY_SUFFIXES = (".jpg", ".jpeg")  # masks in these files may carry compression noise: see binarize_mask
+LABEL_INDEX_MAX = 127  # a lossless mask whose maximum is at most this holds label indices: see binarize_mask
+# EXIF orientations that swap width and height (transpose, 90° and 270° rotations)
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 logger = logging.getLogger(__name__)
 
 
 class PILTiffReader(PILReader):
     """
-    MONAI's ``PILReader`` that reads every TIFF through ``tifffile``, so that the TIFFs Pillow cannot open
-    (CVC-ClinicDB frames: 3 samples per pixel with MinIsBlack photometry) load too, and image and mask always
-    come out in the same PIL axis convention (``(W, H[, C])`` with the default ``reverse_indexing=True``).
+    MONAI's ``PILReader`` for colonoscopy frames and masks. Image and mask must both be read with it, so that
+    they come out in the same PIL axis convention (``(W, H[, C])`` with the default ``reverse_indexing=True``)
+    and the same orientation.
+
+    - Every TIFF is read through ``tifffile``, so that the TIFFs Pillow cannot open (CVC-ClinicDB frames:
+      3 samples per pixel with MinIsBlack photometry) load too.
+    - Every other file is turned as its EXIF Orientation tag says (``PIL.ImageOps.exif_transpose``), that is
+      the way image viewers show it: a frame stored unrotated with an Orientation tag and a mask drawn over
+      the frame as shown then line up. (TIFF orientation tags are not applied; the public sets have none.)
+    - A file that is missing, truncated, corrupt or not an image ends in an
+      :class:`~scripts.errors.InputError` that names it and says why. ``LoadImage`` catches every exception of
+      a given reader's ``read`` and goes on to try its default readers, ending in a misleading "cannot find a
+      suitable reader ... install the reader libraries" with the first error dropped; so ``read`` decodes the
+      file at once and keeps a failure for ``get_data``, whose exceptions ``LoadImage`` lets through.
 
     Args:
         mode: a Pillow mode every image is converted to after reading (``"RGB"`` for frames: greyscale is
             replicated, palettes are applied, alpha is dropped), or None to keep the file's own.
-        kwargs: passed to ``PILReader``.
+        kwargs: passed to ``PILReader`` (and from there to ``PIL.Image.open``).
     """
 
     def __init__(self, mode: str | None = None, **kwargs) -> None:
@@ -58,51 +84,156 @@ class PILTiffReader(PILReader):
         return all(n.endswith(IMAGE_SUFFIXES) for n in names)
 
     def read(self, data, **kwargs):
-        names = data if isinstance(data, (list, tuple)) else [data]
-        if not any(str(n).lower().endswith((".tif", ".tiff")) for n in names):
-            return super().read(data, **kwargs)
-        images = [self._read_tiff(n) for n in names]
+        """
+        Read and decode ``data`` (a file name or a list of them, stacked as channels by ``get_data``): a PIL image
+        per file, or, for a file that cannot be read, a record of why that ``get_data`` raises.
+        """
+        images = [self._open(name, **kwargs) for name in ensure_tuple(data)]
         return images if len(images) > 1 else images[0]
 
-    def _read_tiff(self, name) -> Image.Image:
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        """``PILReader.get_data``, after raising the :class:`InputError` of the first file ``read`` could not read."""
+        for image in ensure_tuple(img):
+            if isinstance(image, _Unreadable):
+                raise _cannot_read(image.name, image.error) from image.error
+        return super().get_data(img)
+
+    def _open(self, name, **kwargs) -> Image.Image | _Unreadable:
+        try:
+            if str(name).lower().endswith(TIFF_SUFFIXES):
+                image = self._read_tiff(name)
+            else:
+                image = Image.open(name, **{**self.kwargs, **kwargs})
+                image.load()  # decode now: a truncated file must fail here, where the file is known
+                ImageOps.exif_transpose(image, in_place=True)
+            return self.converter(image) if callable(self.converter) else image
+        except Exception as e:  # Pillow and tifffile raise many types for missing, truncated and foreign files
+            return _Unreadable(str(name), e)
+
+    @staticmethod
+    def _read_tiff(name) -> Image.Image:
         array = tifffile.imread(name)
         if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
             array = np.moveaxis(array, 0, -1)  # planar configuration
         if array.dtype == np.uint16 and array.ndim == 3:  # Pillow has no 16-bit colour mode: keep the top byte
             array = (array >> 8).astype(np.uint8)
         if array.dtype not in (np.uint8, np.uint16):
-            raise ValueError(f"{name}: unsupported TIFF sample type {array.dtype} (expected 8- or 16-bit integers).")
-        image = Image.fromarray(array)  # 16-bit greyscale stays 16-bit (mode I;16): masks keep their full scale
-        return self.converter(image) if callable(self.converter) else image
+            raise TypeError(f"unsupported TIFF sample type {array.dtype} (expected 8- or 16-bit integers)")
+        return Image.fromarray(array)  # 16-bit greyscale stays 16-bit (mode I;16): masks keep their full scale
 
 
-def binarize_mask(mask: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+class _Unreadable:
+    """A file :meth:`PILTiffReader.read` could not read, and the exception why, for ``get_data`` to report."""
+
+    def __init__(self, name: str, error: Exception) -> None:
+        self.name, self.error = name, error
+
+
+def _cannot_read(path, error: Exception, datalist=None) -> InputError:
+    """The one-sentence error for an image file that cannot be opened or decoded, naming it (and its datalist)."""
+    if isinstance(error, FileNotFoundError):
+        reason = "it does not exist"
+    elif isinstance(error, IsADirectoryError):
+        reason = "it is a folder"
+    elif isinstance(error, PermissionError):
+        reason = "permission to read it is denied"
+    elif isinstance(error, (UnidentifiedImageError, tifffile.TiffFileError)):
+        reason = "it is not an image file that Pillow or tifffile can read (is the file complete and its suffix right?)"
+    elif isinstance(error, (OSError, SyntaxError, EOFError)):  # Pillow's "image file is truncated", "broken PNG"
+        reason = f"it is truncated or corrupt ({type(error).__name__}: {error})"
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    where = f" named in datalist {datalist}" if datalist is not None else ""
+    return InputError(f"cannot read image file {path}{where}: {reason}; restore or replace the file, or remove it "
+                      "from the data.")
+
+
+def _header_size(path) -> tuple[int, int]:
+    """
+    ``(width, height)`` of an image file as :class:`PILTiffReader` loads it (EXIF orientation applied to every
+    non-TIFF), from the file's header alone; raises what Pillow or tifffile raise for a file they cannot open.
+    """
+    if str(path).lower().endswith(TIFF_SUFFIXES):
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return int(page.imagewidth), int(page.imagelength)
+    with Image.open(path) as image:
+        width, height = image.size
+        # Image.getexif, not PngImageFile.getexif: that one decodes the whole file to look for EXIF after the pixels
+        orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    return (height, width) if orientation in SWAPPING_ORIENTATIONS else (width, height)
+
+
+def spatial_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """
+    The network input size in the readers' axis order: ``image_size`` is one integer (square) or ``[H, W]`` as
+    people write it (CVC-ClinicDB: ``[288, 384]``); the PIL readers load arrays as ``(C, W, H)``, so the
+    spatial size of ``Resized`` is ``(W, H)``.
+    """
+    if isinstance(image_size, (list, tuple)):
+        height, width = image_size
+        return int(width), int(height)
+    return int(image_size), int(image_size)
+
+
+def binarize_mask(mask: np.ndarray | torch.Tensor, *, lossless: bool = False) -> np.ndarray | torch.Tensor:
     """
     The binarisation rule for ground-truth masks, shape ``(C, *spatial)`` -> ``(1, *spatial)`` of 0/1 floats.
 
     A trailing alpha channel (C = 2 or 4) is ignored and the other channels are reduced by their maximum,
-    so a coloured mask counts wherever any colour is lit. The mask's full scale is 1 if its maximum is at
-    most 1 (MONAI Label's 0/1 masks), 255 if at most 255 (the public sets' 0/255 JPEGs and TIFFs) and
-    65535 otherwise; a pixel is foreground when its value is above half the full scale. JPEG artefacts
-    (Kvasir-SEG has ~47 grey levels) therefore fall on the right side, and an empty mask stays empty
-    (a threshold relative to the mask's own maximum would turn JPEG noise into foreground).
+    so a coloured mask counts wherever any colour is lit. Then:
+
+    - Label-index masks: a mask stored losslessly (``lossless=True``: any file but ``.jpg``/``.jpeg``) whose
+      maximum is at most ``LABEL_INDEX_MAX`` (127) holds label indices (0 background; 1, 2, ... polyps or
+      classes) or is a 0/1 mask: every non-zero pixel is foreground. (The rule below would make a 0/1/2
+      mask empty.)
+    - Otherwise, and always for JPEG masks and plain arrays (``lossless=False``): the mask's full scale is 1
+      if its maximum is at most 1 (MONAI Label's 0/1 masks), 255 if at most 255 (the public sets' 0/255 JPEGs
+      and TIFFs) and 65535 otherwise; a pixel is foreground when its value is above half the full scale. JPEG
+      artefacts (Kvasir-SEG has ~47 grey levels) therefore fall on the right side, and an empty JPEG mask
+      stays empty (a threshold at zero, or relative to the mask's own maximum, would turn its noise into
+      foreground).
+
+    Args:
+        mask: channel-first mask, numpy or torch.
+        lossless: whether the mask was read from a lossless file; :class:`BinarizeMaskd` and
+            :func:`check_pairs` set it from the file name (:func:`is_lossless`).
     """
+    grey = _grey(mask)
+    peak = float(grey.max())
+    if _is_label_index(peak, lossless):
+        binary = grey > 0
+    else:
+        full_scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+        binary = grey > full_scale / 2
+    return binary.astype(np.float32) if isinstance(binary, np.ndarray) else binary.to(torch.float32)
+
+
+def is_lossless(filename: str | os.PathLike | None) -> bool:
+    """Whether a mask file keeps its values exactly (any suffix but ``LOSSY_SUFFIXES``); False for no file."""
+    return filename is not None and Path(str(filename)).suffix.lower() not in LOSSY_SUFFIXES
+
+
+def _is_label_index(peak: float, lossless: bool) -> bool:
+    return lossless and peak <= LABEL_INDEX_MAX
+
+
+def _grey(mask: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """The channel-first mask reduced to one channel: the maximum over its channels but a trailing alpha."""
     if mask.ndim < 3:
         raise ValueError(f"mask must be channel-first (C, *spatial), got shape {tuple(mask.shape)}.")
     if mask.shape[0] in (2, 4):
         mask = mask[:-1]
-    grey = mask.max(0, keepdims=True) if isinstance(mask, np.ndarray) else mask.amax(0, keepdim=True)
-    peak = float(grey.max())
-    full_scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
-    binary = grey > full_scale / 2
-    return binary.astype(np.float32) if isinstance(binary, np.ndarray) else binary.to(torch.float32)
+    return mask.max(0, keepdims=True) if isinstance(mask, np.ndarray) else mask.amax(0, keepdim=True)
 
 
 class BinarizeMaskd(MapTransform):
     """
     Dictionary transform that applies :func:`binarize_mask` to ``keys`` and, when ``ref_key`` is given, first
     checks that each mask has the spatial size of its image, naming both files when it does not (resizing
-    would otherwise hide a mismatched pair).
+    would otherwise hide a mismatched pair). Whether a mask is lossless (its label-index rule) follows from
+    the file it was read from, ``mask.meta["filename_or_obj"]``; a mask with no file name takes the JPEG-safe
+    full-scale rule.
     """
 
     def __init__(self, keys: KeysCollection, ref_key: str | None = "image", allow_missing_keys: bool = False):
@@ -114,17 +245,23 @@ class BinarizeMaskd(MapTransform):
         for key in self.key_iterator(d):
             mask = d[key]
             if self.ref_key is not None and tuple(mask.shape[1:]) != tuple(d[self.ref_key].shape[1:]):
-                raise ValueError(
+                raise InputError(
                     f"mask {_source(mask)} has spatial size {tuple(mask.shape[1:])} but its image "
-                    f"{_source(d[self.ref_key])} has {tuple(d[self.ref_key].shape[1:])}."
+                    f"{_source(d[self.ref_key])} has {tuple(d[self.ref_key].shape[1:])}; a mask must have the "
+                    "size of its image: fix the pair or remove it from the datalist."
                 )
-            d[key] = binarize_mask(mask)
+            d[key] = binarize_mask(mask, lossless=is_lossless(_filename(mask)))
         return d
 
 
+def _filename(x) -> str | None:
+    name = getattr(x, "meta", {}).get("filename_or_obj")
+    return None if name is None else str(name)
+
+
 def _source(x) -> str:
-    meta = getattr(x, "meta", {})
-    return str(meta.get("filename_or_obj", "<in memory>"))
+    name = _filename(x)
+    return "<in memory>" if name is None else name
 
 
 def list_images(folder: str | Path, what: str = "images") -> list[Path]:
@@ -149,7 +286,10 @@ def _stem_index(folder: Path, what: str) -> dict[str, Path]:
 
 
 def find_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[dict[str, Path]]:
-    """Pair every image in ``images_dir`` with the mask of the same file stem in ``masks_dir``."""
+    """
+    Pair every image in ``images_dir`` with the mask of the same file stem in ``masks_dir``; an image without
+    a mask is an error, a mask without an image is left out (:func:`unpaired_masks` lists them).
+    """
     images = _stem_index(Path(images_dir), "images")
     masks = _stem_index(Path(masks_dir), "masks")
     orphans = sorted(set(images) - set(masks))
@@ -160,14 +300,23 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[dict[str, 
     return [{"image": images[s], "label": masks[s]} for s in sorted(images)]
 
 
+def unpaired_masks(images_dir: str | Path, masks_dir: str | Path) -> list[Path]:
+    """The masks in ``masks_dir`` that :func:`find_pairs` leaves out: no image in ``images_dir`` has their stem."""
+    images = _stem_index(Path(images_dir), "images")
+    masks = _stem_index(Path(masks_dir), "masks")
+    return [masks[s] for s in sorted(set(masks) - set(images))]
+
+
 def check_pairs(pairs: Sequence[Mapping[str, Path]], progress: bool = True) -> dict:
     """
-    Read every pair the way training will and fail on the first bad one, naming the file: unreadable or
-    corrupt image or mask, or a mask whose size differs from its image. Returns a summary: masks with no
-    foreground (allowed, listed) and masks that were not exactly binary (binarised by :func:`binarize_mask`).
+    Read every pair the way training will (EXIF orientation applied, see :class:`PILTiffReader`) and fail on
+    the first bad one with an :class:`InputError` naming the file: unreadable or corrupt image or mask, or a
+    mask whose size differs from its image. Returns a summary: masks with no foreground (allowed, listed),
+    masks that were not exactly 0/1/255 (binarised by :func:`binarize_mask`) and, among them, label-index
+    masks (lossless, maximum 2 to ``LABEL_INDEX_MAX``: every non-zero value counts as foreground).
     """
     image_reader, mask_reader = PILTiffReader(mode="RGB"), PILTiffReader()
-    empty, not_binary, sizes = [], 0, set()
+    empty, not_binary, label_index, sizes = [], 0, 0, set()
     iterator = pairs
     if progress:
         from tqdm import tqdm
@@ -176,26 +325,120 @@ def check_pairs(pairs: Sequence[Mapping[str, Path]], progress: bool = True) -> d
     for pair in iterator:
         image = _read(image_reader, pair["image"], "image")
         mask = _read(mask_reader, pair["label"], "mask")
-        if image.shape[:2] != mask.shape[:2]:
-            raise ValueError(f"mask {pair['label']} is {mask.shape[1]}×{mask.shape[0]} (H×W) but its image "
-                             f"{pair['image']} is {image.shape[1]}×{image.shape[0]}.")
+        if image.shape[:2] != mask.shape[:2]:  # (W, H): PIL axes
+            raise _size_mismatch(pair["image"], pair["label"], image.shape[:2], mask.shape[:2])
         mask = mask[None] if mask.ndim == 2 else np.moveaxis(mask, -1, 0)
-        binary = binarize_mask(mask)
-        if not binary.any():
+        lossless = is_lossless(pair["label"])
+        if not binarize_mask(mask, lossless=lossless).any():
             empty.append(str(pair["label"]))
         if not np.isin(np.unique(mask), (0, 1, 255)).all():
             not_binary += 1
+            peak = float(_grey(mask).max())
+            if peak > 1 and _is_label_index(peak, lossless):
+                label_index += 1
         sizes.add(image.shape[:2])
     return {"pairs": len(pairs), "empty_masks": empty, "masks_not_exactly_binary": not_binary,
-            "distinct_sizes": len(sizes)}
+            "label_index_masks": label_index, "distinct_sizes": len(sizes)}
 
 
 def _read(reader: PILTiffReader, path: Path, what: str) -> np.ndarray:
     try:
         array, _ = reader.get_data(reader.read(str(path)))
-    except Exception as e:  # Pillow and tifffile raise many types for corrupt files
-        raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
+    except InputError:  # the reader's own, naming the file and the reason
+        raise
+    except Exception as e:  # anything else the conversion to an array may raise
+        raise InputError(f"cannot read {what} {path}: {type(e).__name__}: {e}; replace the file.") from e
     return np.asarray(array)
+
+
+def _size_mismatch(image, label, image_wh: Sequence[int], label_wh: Sequence[int], datalist=None) -> InputError:
+    """The one-sentence error for a mask whose (width, height) differs from its image's, naming both files."""
+    where = f" (datalist {datalist})" if datalist is not None else ""
+    return InputError(
+        f"mask {label} is {label_wh[1]}×{label_wh[0]} (H×W) but its image {image} is {image_wh[1]}×{image_wh[0]}"
+        f"{where}; sizes are compared as a viewer shows the files (EXIF orientation applied): fix the pair or "
+        "remove it from the data."
+    )
+
+
+def load_datalist(
+    datalist: str | os.PathLike, key: str = "training", base_dir: str | os.PathLike | None = None
+) -> list[dict]:
+    """
+    ``monai.data.load_decathlon_datalist(datalist, True, key, base_dir)``, checked before anything runs: the
+    ``key`` list of the JSON file ``datalist`` with each entry's ``image`` and ``label`` joined to ``base_dir``
+    (default: the datalist's folder) as absolute paths; other keys are kept, a string naming an existing path
+    under ``base_dir`` joined to it, as MONAI does.
+
+    Every check reads file headers only (no pixel is decoded), so that a bad datalist fails in seconds, with
+    one :class:`~scripts.errors.InputError` sentence naming the file, instead of in the middle of training:
+    the datalist missing or not valid JSON (line and column), ``key`` missing or not a list, an entry without
+    an ``image`` or ``label`` path, a file that does not exist or cannot be opened as an image (TIFFs through
+    ``tifffile``), and an image and mask of different sizes as a viewer shows them (EXIF orientation applied,
+    as :class:`PILTiffReader` reads them). Pixel-level corruption (a truncated JPEG) shows when the file is
+    loaded, as an ``InputError`` of the reader. An empty ``validation`` list is allowed (training without
+    validation); an empty list under any other key is an error.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"key must be a non-empty string such as 'training', got {key!r}.")
+    path = Path(datalist)
+    base = Path(base_dir) if base_dir is not None else path.parent
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(
+            f"datalist {path} {state}; create it with `python -m scripts.prepare_data --images DIR --masks DIR "
+            f"--output {path.parent}` or set --dataset_dir to the folder that holds your datalist.json."
+        )
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"datalist {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; fix "
+                         "it or write it again with `python -m scripts.prepare_data`.") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"datalist {path} cannot be read ({type(e).__name__}: {e}); write it again with "
+                         "`python -m scripts.prepare_data`.") from e
+    entries = content.get(key) if isinstance(content, dict) else None
+    if not isinstance(entries, list):
+        found = "has no" if not isinstance(content, dict) or key not in content else "has no list under"
+        raise InputError(f"datalist {path} {found} key '{key}'; it must map '{key}' to a list of "
+                         "{\"image\": ..., \"label\": ...} entries, as `python -m scripts.prepare_data` writes.")
+    if not entries and key != "validation":
+        raise InputError(f"datalist {path} has an empty '{key}' list; prepare the data again with a non-zero share "
+                         f"for '{key}' or point --datalist at another file.")
+
+    items = []
+    for i, entry in enumerate(entries):
+        lacking = [k for k in ("image", "label") if not isinstance(entry, dict) or not isinstance(entry.get(k), str)
+                   or not entry[k]]
+        if lacking:
+            raise InputError(f"entry {i} of '{key}' in datalist {path} has no '{lacking[0]}' path "
+                             f"({json.dumps(entry)[:80]}); every entry needs an 'image' and a 'label' file name.")
+        item = {}
+        for k, v in entry.items():
+            joined = os.path.abspath(os.path.join(base, v)) if isinstance(v, str) else v
+            # image and label are always files under base_dir; other strings only when they name one (MONAI's rule)
+            item[k] = joined if k in ("image", "label") or (isinstance(v, str) and os.path.exists(joined)) else v
+        items.append(item)
+
+    missing = [(k, item[k]) for item in items for k in ("image", "label") if not os.path.isfile(item[k])]
+    if missing:
+        (what, first), more = missing[0], len(missing) - 1
+        others = f" (and {more} more of its files are missing)" if more else ""
+        raise InputError(
+            f"{what} file {first} named in datalist {path} does not exist{others}; its paths are relative to "
+            f"{base}: set --dataset_dir to the folder they are relative to, or run `python -m scripts.prepare_data` "
+            "again."
+        )
+    for item in items:
+        sizes = []
+        for k in ("image", "label"):
+            try:
+                sizes.append(_header_size(item[k]))
+            except Exception as e:  # Pillow and tifffile raise many types for foreign or broken headers
+                raise _cannot_read(item[k], e, datalist=path) from e
+        if sizes[0] != sizes[1]:
+            raise _size_mismatch(item["image"], item["label"], *sizes, datalist=path)
+    return items
 
 
 def split_pairs(
@@ -239,14 +482,18 @@ def split_pairs(
 
 
 def write_datalist(splits: Mapping[str, Sequence[Mapping[str, Path]]], output_dir: str | Path, summary: dict) -> Path:
-    """Write ``datalist.json``: paths relative to ``output_dir`` (the bundle's ``dataset_dir``) and the summary."""
+    """
+    Write ``datalist.json``: paths relative to ``output_dir`` (the bundle's ``dataset_dir``) and the summary;
+    written to a temporary name and renamed, so that a failure never leaves half a datalist.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rel = lambda p: os.path.relpath(Path(p).resolve(), output_dir.resolve())  # noqa: E731
     datalist = {k: [{"image": rel(p["image"]), "label": rel(p["label"])} for p in v] for k, v in splits.items()}
     datalist["summary"] = {**summary, **{f"num_{k}": len(v) for k, v in splits.items()}}
     path = output_dir / "datalist.json"
-    path.write_text(json.dumps(datalist, indent=2) + "\n")
+    with atomic_write(path) as f:
+        f.write(json.dumps(datalist, indent=2) + "\n")
     return path
 
 

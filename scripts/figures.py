@@ -26,6 +26,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from scripts.files import atomic_write
+
 __all__ = ["plot_uncertainty_evolution", "plot_epsilon_distribution", "choose_images", "write_figures", "colour_map"]
 
 # (npz key, column title, colour map, colour range): fixed ranges so that rows (passes) are comparable.
@@ -50,13 +52,25 @@ def colour_map(values: np.ndarray, key: str) -> np.ndarray:
 
     Returns:
         (*spatial, 3) uint8.
+
+    Memory: the map is coloured a block of rows at a time (matplotlib works in float64 RGBA, 32 bytes a pixel,
+    plus temporaries), so beyond the 3-byte-a-pixel result it needs a few MB whatever the map's size.
     """
     ranges = {k: (cmap, lim) for k, _, cmap, lim in _MAPS}
     if key not in ranges:
         raise ValueError(f"key must be one of {sorted(ranges)}, got {key!r}.")
     cmap, (low, high) = ranges[key]
-    scaled = np.clip((np.asarray(values, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
-    return (colormaps[cmap](scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
+
+    def colour(block: np.ndarray) -> np.ndarray:
+        scaled = np.clip((np.asarray(block, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+        return (colormaps[cmap](scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
+
+    values = np.asarray(values)
+    out = np.empty((*values.shape, 3), dtype=np.uint8)
+    rows = max(1, (1 << 18) // max(1, math.prod(values.shape[1:])))  # about 256 k pixels a block
+    for start in range(0, len(values), rows):
+        out[start:start + rows] = colour(values[start:start + rows])
+    return out
 
 
 def _display(a: np.ndarray) -> np.ndarray:
@@ -73,7 +87,8 @@ def _save(fig: Figure, out_png: str | Path, dpi: int = 100) -> Path:
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attaches itself to fig: Agg rendering without pyplot's backend machinery
-    fig.savefig(out_png, dpi=dpi)
+    with atomic_write(out_png, "wb") as f:
+        fig.savefig(f, dpi=dpi, format="png")
     return out_png
 
 

@@ -1,15 +1,13 @@
 # Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
-"""Ignite handlers of the bundle: the difficulty pass, the evaluation report, and what resuming needs."""
+"""Ignite handlers of the bundle: atomic checkpoints, the difficulty pass, the evaluation and uncertainty reports."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
-import random
 import re
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import monai
@@ -19,7 +17,8 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.metrics import compute_confusion_matrix_metric
-from monai.transforms import Compose, Randomizable
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointSaver
 from PIL import Image
 
 from scripts.difficulty import (
@@ -32,42 +31,10 @@ from scripts.difficulty import (
     image_difficulty,
     normalise_difficulty,
 )
-from scripts.uncertainty import mc_foreground_samples, uncertainty_maps
+from scripts.files import atomic_write
+from scripts.uncertainty import check_chunk_size, mc_foreground_samples, uncertainty_maps
 
-__all__ = ["latest_checkpoint", "RandomStates", "DifficultyPass", "SegmentationReport", "UncertaintyReport"]
-
-
-def _load_trainer_state(path: Path) -> dict | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True).get("trainer", {})
-    except Exception:  # a file cut short by a crash while it was written raises EOFError, RuntimeError, ...
-        return None
-
-
-def latest_checkpoint(ckpt_dir: str | Path) -> str:
-    """
-    The newest readable resume checkpoint in ``ckpt_dir``: ``checkpoint_final.pt`` (written at the end of a run
-    or at an exception) or ``checkpoint_epoch=N.pt`` (written every epoch), whichever holds the later point of
-    training. MONAI writes checkpoints in place, so a run killed while writing one leaves it cut short: such a
-    file is skipped with a warning and the one before it is used (the config keeps two epoch checkpoints).
-    """
-    ckpt_dir = Path(ckpt_dir)
-    candidates = []  # (epoch, path, already known to be readable)
-    for path in ckpt_dir.glob("*checkpoint_*.pt"):
-        match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path.name)
-        if match:
-            candidates.append((float(match.group(1)), str(path), False))
-        elif path.name.endswith("checkpoint_final.pt"):
-            state = _load_trainer_state(path)
-            if state is not None:  # Ignite saves the iteration, not the epoch
-                epoch = state.get("iteration", 0) / max(state.get("epoch_length", 1), 1)
-                candidates.append((epoch, str(path), True))
-    for _, path, readable in sorted(candidates, reverse=True):
-        if readable or _load_trainer_state(Path(path)) is not None:
-            return path
-        logging.getLogger(__name__).warning(f"skipping unreadable checkpoint {path} (cut short by a crash?)")
-    raise FileNotFoundError(f"resume was asked for but {ckpt_dir} holds no readable checkpoint_epoch=N.pt or "
-                            "checkpoint_final.pt; train without --resume first.")
+__all__ = ["AtomicCheckpointSaver", "DifficultyPass", "SegmentationReport", "UncertaintyReport"]
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -76,68 +43,66 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _numpy_state(state: tuple) -> dict:
-    # as tensors and scalars, so that checkpoints load with torch.load(weights_only=True)
-    name, keys, pos, has_gauss, gauss = state
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
-
-
-def _numpy_tuple(state: dict) -> tuple:
-    return "MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"]
-
-
-class RandomStates:
+class _ReplacingDiskSaver(DiskSaver):
     """
-    The random state of a training run, as a checkpointable object (``state_dict``/``load_state_dict``): the
-    torch generators (CPU and CUDA), numpy's and Python's global ones, and the own generator of every randomised
-    transform in ``transforms``. Saved with each checkpoint, it makes a resumed run draw exactly the batches,
-    augmentations and dropout masks the uninterrupted run draws (with ``num_workers=0`` the transforms run in
-    this process; with workers, their seeds derive from the torch generator).
-
-    Args:
-        transforms: the pipelines whose randomised transforms to include, e.g. ``train#preprocessing``.
+    Ignite's ``DiskSaver(atomic=True)`` (a temporary file, renamed over the target; since Ignite 0.5 it also
+    grants the group and others read permission, the reason MONAI chose ``atomic=False``), with MONAI's fixed
+    file names. Ignite removes a checkpoint's predecessor *before* writing it; under a fixed name (``model.pt``,
+    ``checkpoint_final.pt``) the rename replaces it anyway, so the old file is kept until the new one is whole.
     """
 
-    def __init__(self, transforms: Sequence[Compose] | Compose = ()) -> None:
-        self.transforms: list[Randomizable] = []
-        self._collect(transforms, set())
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
 
-    def _collect(self, obj, seen: set) -> None:
-        # dictionary transforms keep array transforms with generators of their own (RandShiftIntensityd.shifter)
-        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, np.ndarray, torch.Tensor)):
-            return
-        seen.add(id(obj))
-        if isinstance(obj, Randomizable):
-            self.transforms.append(obj)
-        if isinstance(obj, (list, tuple)):
-            children = obj
-        elif isinstance(obj, dict):
-            children = obj.values()
-        else:
-            children = vars(obj).values() if hasattr(obj, "__dict__") else ()
-        for child in children:
-            self._collect(child, seen)
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:
+            super().remove(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """
+    MONAI's ``CheckpointSaver`` that never leaves half a file, and whose best-model tracking survives a resume.
+
+    - Every file (epoch checkpoints, ``checkpoint_final.pt``, the key-metric ``model.pt``) is written to a
+      temporary name and renamed over the old one, which stays whole until then: a crash while saving leaves
+      the previous file (MONAI writes in place, and deletes ``model.pt`` before writing its successor).
+    - ``state_dict``/``load_state_dict`` hold the key-metric ranking (the best score so far and its file), so a
+      resumed run replaces ``model.pt`` only with a better model, not with the first one it validates.
+    - On ``attach`` the epoch checkpoints already in ``save_dir`` (left by this run before a resume; a fresh
+      run has set other runs' files aside, see :class:`scripts.resume.RunIdentity`) join the ``n_saved`` count,
+      so that a resumed run keeps ``n_saved`` of them, not ``n_saved`` more.
+
+    Takes the arguments of ``monai.handlers.CheckpointSaver``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in self._checkpoints():
+            checkpoint.save_handler = _ReplacingDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+
+    def _checkpoints(self) -> list[Checkpoint]:
+        found = (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint)
+        return [c for c in found if c is not None]
+
+    def attach(self, engine: Engine) -> None:
+        interval = self._interval_checkpoint
+        if interval is not None:
+            prefix = f"{interval.filename_prefix}_" if interval.filename_prefix else ""
+            pattern = re.compile(re.escape(prefix) + r"checkpoint_epoch=(\d+)\.pt")
+            found = (pattern.fullmatch(p.name) for p in Path(self.save_dir).glob("*.pt"))
+            interval.load_state_dict({"_saved": sorted((int(m.group(1)), m.group(0)) for m in found if m)})
+        super().attach(engine)
 
     def state_dict(self) -> dict:
-        return {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": _numpy_state(np.random.get_state()),
-            "python": random.getstate(),
-            "transforms": [_numpy_state(t.R.get_state()) for t in self.transforms],
-        }
+        return {"key_metric": self._key_metric_checkpoint.state_dict() if self._key_metric_checkpoint else {}}
 
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["transforms"]) != len(self.transforms):
-            raise ValueError(f"checkpoint holds the random state of {len(state['transforms'])} randomised "
-                             f"transforms, this pipeline has {len(self.transforms)}: was the config changed?")
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        np.random.set_state(_numpy_tuple(state["numpy"]))
-        random.setstate(state["python"])
-        for t, s in zip(self.transforms, state["transforms"]):
-            t.R.set_state(_numpy_tuple(s))
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._key_metric_checkpoint is not None and state_dict.get("key_metric"):
+            self._key_metric_checkpoint.load_state_dict(state_dict["key_metric"])
 
 
 class DifficultyPass:
@@ -179,7 +144,8 @@ class DifficultyPass:
         assignment: ``"ranked"`` (the method: ε from the image's own D) or ``"shuffled"`` (control: the pass's
             ε values permuted across images, with a seed of ``seed`` and the epoch, the same in every process).
         batch_size, num_workers: of the pass's data loader.
-        chunk_size: at most this many (sample, image) pairs per decoder call, which bounds memory.
+        chunk_size: at most this many (sample, image) pairs per decoder call, which bounds memory; ``"auto"``:
+            :func:`scripts.uncertainty.auto_chunk_size`.
         output_dir: where history, maps and figures go (rank 0 only); None writes nothing.
         num_map_images: how many fixed training images get their maps saved at every pass.
         seed: seed of the pass's dropout masks.
@@ -203,14 +169,14 @@ class DifficultyPass:
         delta: float = 1e-9,
         batch_size: int = 8,
         num_workers: int = 0,
-        chunk_size: int = 32,
+        chunk_size: int | str = "auto",
         output_dir: str | Path | None = None,
         num_map_images: int = 8,
         seed: int = 0,
         summary_writer=None,
     ) -> None:
         for name, value, low in (("start", start, 0), ("interval", interval, 1), ("num_samples", num_samples, 2),
-                                 ("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1)):
+                                 ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
         for name, value, allowed in (("empty", empty, EMPTY_RULES), ("signal", signal, SIGNALS),
@@ -224,6 +190,7 @@ class DifficultyPass:
         self.percentile, self.delta, self.empty = float(percentile), float(delta), empty
         self.signal, self.assignment = signal, assignment
         self.eps_min, self.eps_max, self.sensitivity = float(eps_min), float(eps_max), float(sensitivity)
+        check_chunk_size(chunk_size)
         self.batch_size, self.num_workers, self.chunk_size = batch_size, num_workers, chunk_size
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.num_map_images, self.seed, self.writer = num_map_images, seed, summary_writer
@@ -313,7 +280,7 @@ class DifficultyPass:
             with open(history, newline="") as f:
                 kept = [r for r in csv.reader(f)][1:]
             kept = [r for r in kept if int(r[0]) < k]
-        with open(history, "w", newline="") as f:
+        with atomic_write(history, newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["pass", "epoch", "image", "label", "D", "D_norm", "eps", "seconds"])
             writer.writerows(kept)
@@ -321,11 +288,11 @@ class DifficultyPass:
                 writer.writerow([k, epoch, row[0], row[1], f"{row[2]:.6g}", f"{row[3]:.6g}", f"{row[4]:.6g}",
                                  f"{seconds:.3f}"])
         if maps:
-            (self.output_dir / "mc_maps").mkdir(exist_ok=True)
-            np.savez_compressed(
-                self.output_dir / "mc_maps" / f"pass_{k:03d}.npz", ids=np.array([m["id"] for m in maps]),
-                epoch=epoch, **{key: torch.stack([m[key] for m in maps]).numpy().astype(np.float32)
-                                for key in ("image", "label", "mean", "variance", "entropy", "mutual_information")})
+            with atomic_write(self.output_dir / "mc_maps" / f"pass_{k:03d}.npz", "wb") as f:
+                np.savez_compressed(
+                    f, ids=np.array([m["id"] for m in maps]), epoch=epoch,
+                    **{key: torch.stack([m[key] for m in maps]).numpy().astype(np.float32)
+                       for key in ("image", "label", "mean", "variance", "entropy", "mutual_information")})
 
     def write_figures(self, engine: Engine | None = None) -> list[Path]:
         """The uncertainty-evolution grids of the easiest and hardest mapped image (by the Dice of their last
@@ -403,7 +370,7 @@ class SegmentationReport:
         if len(images) != n:
             raise RuntimeError(f"collected {len(images)} image names for {n} metric rows.")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "metrics.csv", "w", newline="") as f:
+        with atomic_write(self.output_dir / "metrics.csv", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image", *columns])
             for i, image in enumerate(images):
@@ -413,7 +380,8 @@ class SegmentationReport:
             for c, v in columns.items()
         }
         summary["num_images"] = n
-        (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with atomic_write(self.output_dir / "metrics.json") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
         engine.logger.info(
             "test metrics over %d images: %s", n, ", ".join(f"{c} {s['mean']:.4f}" for c, s in summary.items()
                                                              if isinstance(s, dict))
@@ -423,8 +391,8 @@ class SegmentationReport:
 class UncertaintyReport:
     """
     What MC-dropout inference (``configs/inference.yaml`` with ``mc_samples`` > 0) writes for each frame, as each
-    batch completes, from the evaluator's decollated output after ``Invertd`` and ``SplitDimd`` (so every map is
-    at the frame's original size, in MONAI/PIL axis order):
+    batch completes, from the evaluator's decollated output after ``ResizeToOriginald`` and ``SplitDimd`` (so every
+    map is at the frame's original size, in MONAI/PIL axis order):
 
     - ``<stem>_<map>.png``: the probability, variance, entropy and mutual-information maps, colour-mapped on fixed
       ranges (:func:`scripts.figures.colour_map`) for a person to look at;
@@ -434,7 +402,10 @@ class UncertaintyReport:
       the *predicted* foreground: the frame's difficulty D of method.md §3 without a ground truth (empty when
       nothing is predicted). ``seconds`` is the frame's share of its batch's time (inference and postprocessing).
 
-    Rows are appended batch by batch, so a run stopped part-way keeps the frames it finished.
+    The CSV is rewritten with all rows so far after every batch, so a run stopped part-way keeps the frames it
+    finished. Every file is written whole or not at all (a temporary name renamed over the target,
+    :mod:`scripts.files`): a crash never leaves a cut-short PNG, NIfTI or CSV. Beyond the maps themselves a frame
+    needs a few bytes a pixel here (the colour image, the mask), not the ~100 of a float64 RGBA colour map.
 
     Args:
         output_dir: folder of the files (the one the masks go to).
@@ -452,6 +423,7 @@ class UncertaintyReport:
         self.mask_key, self.prefix = mask_key, prefix
         self.csv_path = self.output_dir / "uncertainty.csv"
         self._began = 0.0
+        self._rows: list[list] = []
         from scripts.figures import colour_map  # matplotlib only where maps are drawn
 
         self._colour_map = colour_map
@@ -463,8 +435,28 @@ class UncertaintyReport:
 
     def _start(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.csv_path, "w", newline="") as f:
-            csv.writer(f).writerow(self.COLUMNS)
+        self._rows = []
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        with atomic_write(self.csv_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self.COLUMNS)
+            writer.writerows(self._rows)
+
+    def _save_map(self, values: np.ndarray, stem: Path, name: str, scheme: str) -> None:
+        import gzip
+
+        from scripts.files import atomic_path
+
+        # NIfTI axes x, y = the frame's width, height (PIL order), 1 unit per pixel; gzip level 1 as nib.save's
+        image = nib.Nifti1Image(np.asarray(values, dtype=np.float32), np.eye(4))
+        target = f"{stem}_{name}.nii.gz"
+        with atomic_write(target, "wb") as f, gzip.GzipFile(target, "wb", compresslevel=1, fileobj=f) as gz:
+            image.to_file_map(nib.Nifti1Image.make_file_map({"image": gz}))
+        rgb = self._colour_map(values.T, scheme)  # (H, W, 3), contiguous, for PIL
+        with atomic_path(f"{stem}_{name}.png") as tmp:
+            Image.fromarray(rgb).save(tmp, format="PNG")
 
     def _tick(self, engine: Engine) -> None:
         self._began = time.perf_counter()
@@ -479,18 +471,15 @@ class UncertaintyReport:
                 raise KeyError(f"the inference output lacks {missing}: mc_samples > 0 and the SplitDimd of "
                                "configs/inference.yaml are needed for the uncertainty report.")
             source = str(item[self.mask_key].meta["filename_or_obj"])
-            # (W, H), PIL order
+            # (W, H), PIL order; views of the output, not copies
             arrays = {name: item[self.prefix + name].detach().cpu().numpy()[0] for name in self.MAPS}
             stem = self.output_dir / Path(source).stem
             for name, scheme in self.MAPS.items():
-                # NIfTI axes x, y = the frame's width, height (PIL order), 1 unit per pixel
-                nib.save(nib.Nifti1Image(arrays[name].astype(np.float32), np.eye(4)), f"{stem}_{name}.nii.gz")
-                rgb = self._colour_map(arrays[name], scheme).transpose(1, 0, 2)  # (H, W, 3) for PIL
-                Image.fromarray(rgb).save(f"{stem}_{name}.png")
+                self._save_map(arrays[name], stem, name, scheme)
             mi, entropy = arrays["mutual_information"], arrays["entropy"]
             mask = item[self.mask_key].detach().cpu().numpy().reshape(mi.shape) > 0.5
             rows.append([source, mask.shape[1], mask.shape[0], int(mask.sum()), f"{mask.mean():.6f}",
                          f"{mi[mask].mean():.6g}" if mask.any() else "", f"{entropy.mean():.6g}"])
         seconds = (time.perf_counter() - self._began) / max(len(rows), 1)
-        with open(self.csv_path, "a", newline="") as f:
-            csv.writer(f).writerows(row + [f"{seconds:.4f}"] for row in rows)
+        self._rows.extend(row + [f"{seconds:.4f}"] for row in rows)
+        self._write_csv()

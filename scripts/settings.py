@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 
 from scripts.difficulty import ASSIGNMENTS, EMPTY_RULES, SIGNALS
+from scripts.errors import InputError
 
 __all__ = ["check_settings"]
 
@@ -28,13 +29,20 @@ def _float(low: float, high: float, high_open: bool = False):
     return ok, f"a number in [{low}, {high}{')' if high_open else ']'}"
 
 
+def _multiple_of_16(v) -> bool:
+    return _int(16)[0](v) and v % 16 == 0
+
+
 _RULES = {
     "epochs": _int(1),
     "batch_size": _int(1),
     "num_workers": _int(0),
     "val_interval": _int(1),
     "seed": _int(0),
-    "image_size": (lambda v: _int(16)[0](v) and v % 16 == 0, "a multiple of 16 (the U-Net pools four times)"),
+    "image_size": (
+        lambda v: _multiple_of_16(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_multiple_of_16, v))),
+        'a multiple of 16 (the U-Net pools four times), or a pair "[H,W]" of them',
+    ),
     "learning_rate": (lambda v: _float(0.0, float("inf"))[0](v) and v > 0, "a positive number"),
     "dropout": _float(0.0, 1.0, high_open=True),
     "cache_rate": _float(0.0, 1.0),
@@ -47,7 +55,7 @@ _RULES = {
     "mc_start": _int(0),
     "mc_interval": _int(1),
     "mc_samples": (lambda v: _int(0)[0](v) and v != 1, "0 (inference without MC dropout) or an integer >= 2"),
-    "mc_chunk_size": _int(1),
+    "mc_chunk_size": (lambda v: v == "auto" or _int(1)[0](v), "auto or an integer >= 1"),
     "percentile": _float(0.0, 100.0),
     "eps_min": _float(-0.5, float("inf")),
     "eps_max": _float(-0.5, float("inf")),
@@ -66,20 +74,24 @@ def check_settings(**settings) -> bool:
     config and this table cannot drift apart silently.
 
     Raises:
-        ValueError: naming every id whose value has the wrong type or range, with what was expected.
+        InputError: naming every id whose value has the wrong type or range, with what was expected, in one line.
     """
     errors = []
     for name, value in settings.items():
         if name not in _RULES:
-            raise ValueError(f"check_settings has no rule for {name!r}; known: {', '.join(sorted(_RULES))}.")
+            raise KeyError(f"check_settings has no rule for {name!r}; known: {', '.join(sorted(_RULES))}.")
         ok, expected = _RULES[name]
         if not ok(value):
             errors.append(f"--{name} must be {expected}, got {value!r} ({type(value).__name__})")
     if not errors and settings.get("adaptive") and settings.get("mc_samples", 2) < 2:
         errors.append(f"--mc_samples must be >= 2 for adaptive training (the pass needs samples), "
                       f"got {settings['mc_samples']}")
+    if not errors and settings.get("adaptive") and settings.get("dropout", 0.5) == 0:
+        errors.append("--dropout 0 makes every dropout sample the same, so the difficulty pass would give every "
+                      "image the same eps: train with --dropout > 0, or use a fixed-shape loss overlay "
+                      "(configs/loss/*.yaml)")
     if not errors and settings.get("eps_min", 0.0) > settings.get("eps_max", float("inf")):
         errors.append(f"--eps_min ({settings['eps_min']}) must not exceed --eps_max ({settings['eps_max']})")
     if errors:
-        raise ValueError("invalid config value(s):\n  " + "\n  ".join(errors))
+        raise InputError("; ".join(errors) + ".")
     return True

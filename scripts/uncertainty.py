@@ -21,7 +21,7 @@ from torch import nn
 from scripts.networks import mc_dropout
 
 __all__ = [
-    "binary_entropy", "mc_foreground_samples", "mc_foreground_samples_naive", "uncertainty_maps", "MCDropoutInferer",
+    "binary_entropy", "auto_chunk_size", "check_chunk_size", "mc_foreground_samples", "mc_foreground_samples_naive", "uncertainty_maps", "MCDropoutInferer",
 ]
 
 
@@ -130,8 +130,31 @@ def _foreground(logits: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor
     return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
+def auto_chunk_size(skip: torch.Tensor) -> int:
+    """
+    The (sample, image) pairs per decoder call that the fast MC pass uses by default, from the device and the
+    network's widest activation: ``skip`` is the full-resolution encoder output of one batch, ``(B, f0, H, W)``.
+
+    On a GPU, 64 pairs (memory, not speed, is the limit; lower it with ``mc_chunk_size`` when it runs out). On a
+    CPU, as many pairs as keep the decoder's largest tensor (the skip concatenated with the upsampled features,
+    ``2·f0·H·W`` floats a pair) within glibc's largest mmap threshold, 32 MiB: above it every allocation is
+    mapped afresh, which made chunks larger than one pair slower at full width (Table 1 U-Net, 224 px:
+    ``auto`` = 1), while narrow networks gain from large chunks (``benchmarks/mc_pass.py``).
+    """
+    if skip.device.type != "cpu":
+        return 64
+    pair_bytes = 2 * skip[0].numel() * 4
+    return max(1, min(64, (32 << 20) // pair_bytes))
+
+
+def check_chunk_size(chunk_size) -> None:
+    """Raise ValueError unless ``chunk_size`` is ``"auto"`` or a positive int."""
+    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be 'auto' or an int >= 1, got {chunk_size!r}.")
+
+
 def mc_foreground_samples(
-    network: nn.Module, images: torch.Tensor, num_samples: int, chunk_size: int = 32
+    network: nn.Module, images: torch.Tensor, num_samples: int, chunk_size: int | str = "auto"
 ) -> torch.Tensor:
     """
     N Monte Carlo dropout foreground maps per image, running the deterministic encoder once.
@@ -165,7 +188,8 @@ def mc_foreground_samples(
             unwrapped (its ``.module`` is used, without the wrapper's cross-process buffer sync).
         images: ``(B, C, H, W)`` on the network's device.
         num_samples: N >= 1, stochastic passes per image.
-        chunk_size: at most this many (sample, image) pairs per ``decode`` call, >= 1.
+        chunk_size: at most this many (sample, image) pairs per ``decode`` call, >= 1, or ``"auto"``
+            (:func:`auto_chunk_size`).
 
     Returns:
         ``(N, B, H, W)`` float32 foreground probabilities (softmax over channels, channel 1); an ordinary tensor
@@ -176,8 +200,7 @@ def mc_foreground_samples(
             or its output is not ``(batch, 2, H, W)``.
     """
     _check_common(network, images, num_samples)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}.")
+    check_chunk_size(chunk_size)
     net = _unwrap(network)
     if not (callable(getattr(net, "encode", None)) and callable(getattr(net, "decode", None))):
         raise ValueError(
@@ -191,6 +214,8 @@ def mc_foreground_samples(
     out = torch.empty(pairs, h, w, dtype=torch.float32, device=images.device)
     with mc_dropout(net), torch.inference_mode(), _autocast(images):
         feats = net.encode(images)
+        if chunk_size == "auto":
+            chunk_size = auto_chunk_size(feats[0])
         for start in range(0, pairs, chunk_size):
             stop = min(start + chunk_size, pairs)
             # Pair i is image i % B: a gather of only this chunk's pairs, so memory stays bounded by chunk_size
@@ -241,12 +266,11 @@ class MCDropoutInferer(Inferer):
 
     MAPS = ("variance", "entropy", "mutual_information")
 
-    def __init__(self, num_samples: int = 10, chunk_size: int = 64) -> None:
+    def __init__(self, num_samples: int = 10, chunk_size: int | str = "auto") -> None:
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples == 1 or num_samples < 0:
             raise ValueError(f"num_samples must be 0 (deterministic) or an int >= 2, got {num_samples!r}.")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}.")
+        check_chunk_size(chunk_size)
         self.num_samples, self.chunk_size = num_samples, chunk_size
 
     @classmethod

@@ -35,6 +35,32 @@ def run(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Comple
     return proc
 
 
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    """The last non-empty line a user sees on the terminal (stderr, where errors and logs go)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def bundle_error(config_files, **overrides) -> str:
+    """
+    Run a bundle workflow in this process, as ``monai.bundle run`` does, expecting it to fail on bad input, and
+    return the line the bundle's exception hook shows a user (``error: <message>``). Cheaper than a subprocess;
+    ``tests/test_messages.py`` checks with real commands that the hook makes this the last line.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.errors import user_message
+
+    workflow = ConfigWorkflow(config_file=[str(BUNDLE_ROOT / f) for f in config_files], workflow_type=None,
+                              bundle_root=str(BUNDLE_ROOT), **overrides)
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+        workflow.run()
+    message = user_message(info.value)
+    assert message is not None, f"not a message of the bundle's own: {info.value!r}"
+    return f"error: {message}"
+
+
 def needs(path: Path):
     return pytest.mark.skipif(not path.is_dir(), reason=f"real data not found at {path} (set POLYP_SHARED_DATA)")
 

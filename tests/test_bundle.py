@@ -192,8 +192,14 @@ def test_resume_continues_from_the_last_checkpoint(demo, tmp_path):
     log = resumed.stdout + resumed.stderr
     assert "Restored all variables from" in log
     assert "Epoch[3] Complete" in log and "Epoch[1] Complete" not in log and "Epoch[2] Complete" not in log
-    state = torch.load(tmp_path / "m" / "checkpoint_final.pt", weights_only=True)["trainer"]
-    assert state["iteration"] == 3 * state["epoch_length"]
+    state = torch.load(tmp_path / "m" / "checkpoint_final.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 3 * state["trainer"]["epoch_length"]
+    # the run kept its own two epoch checkpoints (not two more), and its best score so far: model.pt is replaced
+    # only by a better model after a resume
+    assert sorted(p.name for p in (tmp_path / "m").glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=2.pt",
+                                                                                      "checkpoint_epoch=3.pt"]
+    (best,) = state["best_model_saver"]["key_metric"]["_saved"]
+    assert 0.0 <= best[0] <= 1.0 and state["run_identity"]["run_id"] == read_json(tmp_path / "m" / "run.json")["run_id"]
 
 
 def test_run_id_run_and_no_validation_data_still_saves_the_model(demo, tmp_path):
@@ -206,25 +212,6 @@ def test_run_id_run_and_no_validation_data_still_saves_the_model(demo, tmp_path)
     run("-m", "monai.bundle", "run", "--config_file", TRAIN, "--dataset_dir", str(data), "--epochs", "1",
         "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "e"), *TINY)
     assert (tmp_path / "m" / "model.pt").is_file()
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--epochs", "ten"], "--epochs must be an integer >= 1, got 'ten'"),
-    (["--features", "[8,16]"], "--features must be a list of five positive integers"),
-    (["--resume", "true"], "--resume must be True or False"),
-    (["--image_size", "100"], "--image_size must be a multiple of 16"),
-    (["--dataset_dir", "/nonexistent/data"], "/nonexistent/data/datalist.json"),
-    (["--eps_min", "0.4", "--eps_max", "0.1"], "--eps_min (0.4) must not exceed --eps_max (0.1)"),
-    (["--empty_mask_difficulty", "skip"], "--empty_mask_difficulty must be zero or image_mean"),
-    (["--difficulty_signal", "loss"], "--difficulty_signal must be mutual_information or dice_error"),
-    (["--eps_assignment", "random"], "--eps_assignment must be ranked or shuffled"),
-])
-def test_bad_overrides_fail_early_with_a_clear_message(args, message, tmp_path):
-    proc = run("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--ckpt_dir", str(tmp_path),
-               *TINY, *args, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
-    assert not list(tmp_path.glob("*.pt"))
 
 
 def test_metadata_verifies_and_torchscript_export_matches(trained, torchscript):

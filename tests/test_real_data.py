@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import BUNDLE_ROOT, CVC, EVALUATE, KVASIR, TINY, TRAIN, needs, read_json, run
+from conftest import (BUNDLE_ROOT, CVC, EVALUATE, KVASIR, TINY, TINY_OVERRIDES, TRAIN, bundle_error, needs, read_json,
+                      run)
 from monai.bundle import ConfigParser
 from PIL import Image
 
@@ -50,12 +52,24 @@ def test_training_pipeline_keeps_frame_and_mask_aligned(kvasir_slice):
         assert (out["label"][0] == expected).float().mean() > 0.97, item["label"]
 
 
-def test_train_evaluate_and_infer_on_real_frames(kvasir_slice):
+def test_train_evaluate_and_infer_on_real_frames(kvasir_slice, trained):
     data, out = kvasir_slice / "data", kvasir_slice / "run"
     common = ["--dataset_dir", str(data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), *TINY]
-    # the adaptive default, with a difficulty pass at the start of both epochs
-    run("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--epochs", "2", "--mc_start", "1",
-        "--mc_interval", "1", "--mc_samples", "3", *common)
+    # two runs in one folder: the demo run's files are there, and Kvasir-SEG is trained into the same folder
+    shutil.copytree(trained / "models", out / "models")
+    demo_best = (out / "models" / "model.pt").read_bytes()
+    line = bundle_error([TRAIN], resume=True, epochs=2, dataset_dir=str(data), ckpt_dir=str(out / "models"),
+                        output_dir=str(out / "eval"), **TINY_OVERRIDES)
+    assert line.startswith(f"error: checkpoint {out / 'models' / 'checkpoint_final.pt'} belongs to another run (data: "
+                           "26 training + 3 validation images")  # the demo's lists, against Kvasir-SEG's
+    assert (out / "models" / "model.pt").read_bytes() == demo_best
+    # the adaptive default from scratch, with a difficulty pass at the start of both epochs
+    proc = run("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--epochs", "2", "--mc_start", "1",
+               "--mc_interval", "1", "--mc_samples", "3", *common)
+    (kept,) = (out / "models" / "previous").iterdir()
+    assert (kept / "model.pt").read_bytes() == demo_best
+    assert f"moved them to {kept}" in proc.stdout + proc.stderr
+    assert "Epoch[1] Complete" in proc.stderr + proc.stdout  # trained from scratch, not resumed
     n_train = len(read_json(data / "datalist.json")["training"])
     rows = list(csv.DictReader(open(out / "eval" / "difficulty_history.csv")))
     assert [sum(r["pass"] == k for r in rows) for k in ("1", "2")] == [n_train, n_train]

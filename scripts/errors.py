@@ -1,0 +1,66 @@
+# Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
+"""
+Errors a user can fix, and how a bundle command reports them.
+
+MONAI re-raises every exception of a config expression or component as ``RuntimeError: Failed to evaluate
+ConfigExpression ...`` over a long traceback, so a bundle's own message would never be the last line a user
+sees. :class:`InputError` marks the messages meant for the user; :func:`install_excepthook` (the first step of
+every ``initialize`` in ``configs/``) makes a command that dies of one end with that message alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["InputError", "user_message", "install_excepthook"]
+
+TRACEBACK_VARIABLE = "BUNDLE_TRACEBACK"  # set to 1 to see the full traceback under the message
+
+
+class InputError(ValueError):
+    """
+    Bad input a user can fix: a file, a folder or a config value. The message is one sentence that names the
+    file or id, says what is wrong and what to do.
+    """
+
+
+def user_message(error: BaseException) -> str | None:
+    """
+    The message of the first :class:`InputError` in ``error``'s chain of causes (MONAI's wrappers, Ignite's
+    re-raise, a DataLoader worker's copy), as one line; None when there is none.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, InputError):
+            lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+            if not lines:
+                return type(error).__name__
+            # a DataLoader worker re-raises the error with its whole traceback as the message: the last line holds it
+            last = lines[-1].split("InputError: ", 1)[-1]
+            return last if "Traceback" in str(error) else " ".join(lines)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def install_excepthook() -> bool:
+    """
+    Make an uncaught exception caused by an :class:`InputError` print only ``error: <message>`` (with the full
+    traceback above it when the environment variable ``BUNDLE_TRACEBACK`` is set); any other exception is
+    reported as Python does. Returns True, so that a config can run it as an ``initialize`` step.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_bundle_hook", False):
+        return True
+
+    def hook(kind, value, traceback):
+        message = user_message(value)
+        if message is None or os.environ.get(TRACEBACK_VARIABLE):
+            previous(kind, value, traceback)
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+
+    hook._bundle_hook = True
+    sys.excepthook = hook
+    return True

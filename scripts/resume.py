@@ -1,0 +1,344 @@
+# Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
+"""
+What makes a training run resumable, and only resumable as itself: its identity (data, network, loss and
+settings), the discovery of its newest checkpoint, its random state, and the check that a trained model fits
+the network an evaluation or inference builds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.transforms import Compose, Randomizable
+from torch import nn
+
+from scripts.errors import InputError
+from scripts.files import atomic_write
+
+__all__ = ["RunIdentity", "RandomStates", "check_trained_model", "describe_loss", "describe_network"]
+
+RUN_FILE = "run.json"  # the identity of the run whose files the checkpoint folder holds
+RUN_FILES = ("model.pt", "checkpoint_final.pt", RUN_FILE)  # plus checkpoint_epoch=N.pt
+PREVIOUS = "previous"  # subfolder where a fresh run puts an earlier run's files
+logger = logging.getLogger(__name__)
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _settings(obj) -> list[str]:
+    return [f"{k}={v!r}" for k, v in sorted(vars(obj).items()) if not k.startswith("_") and k != "training"
+            and _plain(v)]
+
+
+def describe_network(network: nn.Module) -> str:
+    """Class, plain settings (e.g. ``features``), dropout probabilities and parameter count of a network."""
+    network = getattr(network, "module", network)  # DDP
+    dropout = [m.p for m in network.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    count = sum(p.numel() for p in network.parameters())
+    return f"{type(network).__name__}({', '.join([*_settings(network), f'dropout={dropout}'])}; {count} parameters)"
+
+
+def describe_loss(loss) -> str:
+    """Class and plain settings of a loss, with those of the losses it combines (MONAI losses keep theirs as
+    attributes, so an overlay or a ``--loss#gamma`` override changes the description)."""
+    parts = _settings(loss)
+    if isinstance(loss, nn.Module):
+        parts += [f"{name}={describe_loss(child)}" for name, child in loss.named_children()]
+    return f"{type(loss).__name__}({', '.join(parts)})"
+
+
+def _describe_data(training: Sequence[Mapping], validation: Sequence[Mapping], dataset_dir: str | Path) -> str:
+    # paths relative to dataset_dir: a data set moved to another folder is still the same data
+    base = Path(dataset_dir).resolve()
+    digest = hashlib.sha1()
+    for split in (training, validation):
+        for item in split:
+            for key in ("image", "label"):
+                digest.update(os.path.relpath(Path(item[key]).resolve(), base).encode() + b"\0")
+        digest.update(b"|")
+    return f"{len(training)} training + {len(validation)} validation images, list sha1 {digest.hexdigest()[:12]}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class RunIdentity:
+    """
+    The identity of a training run: its data (training and validation lists), network, loss and the settings
+    that shape training, plus a run id drawn when the run starts from scratch. It is saved in every checkpoint
+    (``state_dict``/``load_state_dict``) and as ``ckpt_dir/run.json``, so that:
+
+    - ``--resume True`` continues from the newest readable checkpoint of *this* run, and refuses, naming the
+      checkpoint and every setting that differs, a folder whose newest checkpoint belongs to another run;
+    - a fresh run never mixes with another run's files: it moves them (``model.pt``, checkpoints, ``run.json``)
+      to ``ckpt_dir/previous/<run id>-<time>/`` and says so, so that the other run's best model stays intact;
+    - evaluation and inference can tell the settings a ``model.pt`` was trained with
+      (:func:`check_trained_model`).
+
+    Args:
+        ckpt_dir: the folder of the run's checkpoints and ``model.pt``.
+        training, validation: the datalist entries trained and validated on (``image``/``label`` paths).
+        dataset_dir: the data set's folder; paths are compared relative to it.
+        network: the network trained (its class, plain settings, dropout and parameter count are compared).
+        loss: the loss function (its class and plain settings, recursively).
+        settings: the other config ids that make the run what it is (``image_size``, ``batch_size``, the
+            difficulty pass's settings ...). ``features``, ``dropout`` and ``image_size`` among them are what
+            :func:`check_trained_model` compares.
+    """
+
+    def __init__(self, ckpt_dir: str | Path, training: Sequence[Mapping], validation: Sequence[Mapping],
+                 dataset_dir: str | Path, network: nn.Module, loss, settings: Mapping | None = None) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in (settings or {}).items()}
+        self.fingerprint = {
+            "data": _describe_data(training, validation, dataset_dir),
+            "network": describe_network(network),
+            "loss": describe_loss(loss),
+            **{k: json.dumps(v) for k, v in self.settings.items()},
+        }
+        self.run_id: str | None = None
+        self._resume_path: str | None = None
+
+    # -- checkpointable --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"run_id": self.run_id, "fingerprint": dict(self.fingerprint)}
+
+    def load_state_dict(self, state: Mapping, source: str = "the checkpoint") -> None:
+        differences = self.differences(state.get("fingerprint", {}))
+        if differences:
+            raise InputError(f"{source} belongs to another run ({'; '.join(differences)}): train without --resume "
+                             "(its files are then moved to previous/), or point --ckpt_dir at this run's folder.")
+        self.run_id = state.get("run_id")
+
+    def differences(self, fingerprint: Mapping) -> list[str]:
+        """One ``what: checkpoint's vs this run's`` phrase per differing part of the identity."""
+        keys = sorted(set(fingerprint) | set(self.fingerprint))
+        return [f"{k}: {fingerprint.get(k, 'not recorded')} there, {self.fingerprint.get(k, 'not set')} here"
+                for k in keys if fingerprint.get(k) != self.fingerprint.get(k)]
+
+    # -- the two ways a run starts --------------------------------------------------------------------------
+    def start(self, resume: bool) -> bool:
+        """
+        The first step of training (``initialize``): with ``resume``, find and check this run's newest
+        checkpoint (:meth:`resume_checkpoint`); without, set another run's files aside and record this run.
+        Under ``torch.distributed`` rank 0 moves and writes files, and every process waits for it.
+        Returns True, for use as a config step.
+        """
+        if resume:
+            self.resume_checkpoint()
+        elif _rank() == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            self._set_aside_previous_run()
+            self.run_id = uuid.uuid4().hex[:8]
+            self._write_run_file()
+        _barrier()
+        if not resume:
+            self.run_id = json.loads((self.ckpt_dir / RUN_FILE).read_text())["run_id"]
+        return True
+
+    def _write_run_file(self) -> None:
+        with atomic_write(self.ckpt_dir / RUN_FILE) as f:
+            json.dump({"run_id": self.run_id, "fingerprint": self.fingerprint, "settings": self.settings}, f,
+                      indent=2)
+
+    def _set_aside_previous_run(self) -> None:
+        files = [self.ckpt_dir / n for n in RUN_FILES] + list(self.ckpt_dir.glob("checkpoint_epoch=*.pt"))
+        files = [f for f in files if f.is_file()]
+        if not files:
+            return
+        try:
+            previous = json.loads((self.ckpt_dir / RUN_FILE).read_text()).get("run_id", "unknown")
+        except (OSError, ValueError):
+            previous = "unknown"
+        target = self.ckpt_dir / PREVIOUS / f"{previous}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.move(str(f), target / f.name)
+        logger.warning(f"{self.ckpt_dir} held the files of another run ({previous}: "
+                       f"{', '.join(sorted(f.name for f in files))}); moved them to {target} — this run starts "
+                       "from scratch. Pass --resume True to continue that run instead.")
+
+    def resume_checkpoint(self) -> str:
+        """
+        The newest readable ``checkpoint_final.pt`` or ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (by the point of
+        training it holds), checked to belong to this run. A file cut short by a crash is skipped with a warning.
+
+        Raises:
+            InputError: no readable checkpoint, or the newest belongs to another run (naming what differs).
+        """
+        if self._resume_path is not None:
+            return self._resume_path
+        unreadable = []
+        for _, path in sorted(self._candidates(), reverse=True):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                unreadable.append(f"{path.name} (holds objects that weights_only loading refuses: {e})")
+                continue
+            except Exception as e:  # cut short by a crash: EOFError, RuntimeError, ...
+                unreadable.append(f"{path.name} ({type(e).__name__})")
+                continue
+            if "run_identity" not in state:
+                raise InputError(f"checkpoint {path} records no run identity (written by an older version of the "
+                                 "bundle), so it cannot be checked to belong to this run: train without --resume.")
+            self.load_state_dict(state["run_identity"], source=f"checkpoint {path}")
+            if unreadable:
+                logger.warning(f"skipped unreadable checkpoint(s) in {self.ckpt_dir}: {', '.join(unreadable)}")
+            self._resume_path = str(path)
+            return self._resume_path
+        detail = f" (unreadable: {', '.join(unreadable)})" if unreadable else ""
+        raise InputError(f"--resume True was given but {self.ckpt_dir} holds no readable checkpoint_epoch=N.pt or "
+                         f"checkpoint_final.pt{detail}: train without --resume.")
+
+    def _candidates(self) -> list[tuple[float, Path]]:
+        found = []
+        for path in self.ckpt_dir.glob("checkpoint_*.pt"):
+            match = re.fullmatch(r"checkpoint_epoch=(\d+)\.pt", path.name)
+            if match:
+                found.append((float(match.group(1)), path))
+            elif path.name == "checkpoint_final.pt":
+                try:  # Ignite saves the iteration, not the epoch
+                    trainer = torch.load(path, map_location="cpu", weights_only=True).get("trainer", {})
+                    found.append((trainer["iteration"] / max(trainer["epoch_length"], 1), path))
+                except Exception:
+                    found.append((-1.0, path))  # tried last, and reported as unreadable there
+        return found
+
+
+def check_trained_model(path: str | Path, network: nn.Module, **settings) -> bool:
+    """
+    Check, before an evaluation or inference starts, that ``path`` holds weights that fit ``network``: the file
+    exists and loads with ``weights_only``, the ``run.json`` beside it (written by training) records the same
+    ``settings`` (e.g. ``features``, ``image_size``, ``dropout``) and every tensor has the network's shape.
+    Returns True, for use as a config step.
+
+    Raises:
+        InputError: naming the file and, for a model trained with other settings, the overrides to pass.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: train a model first (configs/train.yaml) or point --ckpt_dir at "
+                         "the folder that holds model.pt.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(f"{path} holds Python objects that weights_only loading refuses, so it was not written by "
+                         f"this bundle ({str(e).splitlines()[0]}): save its state_dict only.") from e
+    except Exception as e:
+        raise InputError(f"{path} cannot be read: it was cut short by a crash or is not a PyTorch file "
+                         f"({type(e).__name__}); restore it (see {path.parent / PREVIOUS}) or train again.") from e
+    state = state.get("model", state) if isinstance(state, dict) else state
+    trained = {}
+    run_file = path.parent / RUN_FILE
+    if run_file.is_file():
+        try:
+            trained = json.loads(run_file.read_text()).get("settings", {})
+        except ValueError:
+            logger.warning(f"{run_file} is not valid JSON; checking {path} by its tensor shapes only.")
+    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
+    differing = {k: trained[k] for k in given if k in trained and trained[k] != given[k]}
+    if differing:
+        overrides = " ".join(_override(k, v) for k, v in differing.items())
+        raise InputError(f"{path} was trained with {overrides} (recorded in {run_file}) but this command has "
+                         f"{' '.join(_override(k, given[k]) for k in differing)}: pass {overrides}.")
+    expected = getattr(network, "module", network).state_dict()
+    for name, tensor in expected.items():
+        if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
+            found = tuple(state[name].shape) if name in state else "missing"
+            raise InputError(f"{path} does not fit network_def: {name} is {found} in the file but "
+                             f"{tuple(tensor.shape)} here; pass the --features it was trained with.")
+    return True
+
+
+def _override(name: str, value) -> str:
+    """A config id and value as a command-line override: ``--image_size 64``, ``--features "[8,16,32,64,64]"``."""
+    return f'--{name} "{json.dumps(value, separators=(",", ":"))}"' if isinstance(value, list) else f"--{name} {value}"
+
+
+def _numpy_state(state: tuple) -> dict:
+    # as tensors and scalars, so that checkpoints load with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, gauss = state
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+
+
+def _numpy_tuple(state: dict) -> tuple:
+    return "MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"]
+
+
+class RandomStates:
+    """
+    The random state of a training run, as a checkpointable object (``state_dict``/``load_state_dict``): the
+    torch generators (CPU and CUDA), numpy's and Python's global ones, and the own generator of every randomised
+    transform in ``transforms``. Saved with each checkpoint, it makes a resumed run draw exactly the batches,
+    augmentations and dropout masks the uninterrupted run draws (with ``num_workers=0`` the transforms run in
+    this process; with workers, their seeds derive from the torch generator).
+
+    Args:
+        transforms: the pipelines whose randomised transforms to include, e.g. ``train#preprocessing``.
+    """
+
+    def __init__(self, transforms: Sequence[Compose] | Compose = ()) -> None:
+        self.transforms: list[Randomizable] = []
+        self._collect(transforms, set())
+
+    def _collect(self, obj, seen: set) -> None:
+        # dictionary transforms keep array transforms with generators of their own (RandShiftIntensityd.shifter)
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, np.ndarray, torch.Tensor)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable):
+            self.transforms.append(obj)
+        if isinstance(obj, (list, tuple)):
+            children = obj
+        elif isinstance(obj, dict):
+            children = obj.values()
+        else:
+            children = vars(obj).values() if hasattr(obj, "__dict__") else ()
+        for child in children:
+            self._collect(child, seen)
+
+    def state_dict(self) -> dict:
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": _numpy_state(np.random.get_state()),
+            "python": random.getstate(),
+            "transforms": [_numpy_state(t.R.get_state()) for t in self.transforms],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["transforms"]) != len(self.transforms):
+            raise InputError(f"the checkpoint holds the random state of {len(state['transforms'])} randomised "
+                             f"transforms but this pipeline has {len(self.transforms)}: the config was changed "
+                             "since the run started; resume with the config it started with.")
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(_numpy_tuple(state["numpy"]))
+        random.setstate(state["python"])
+        for t, s in zip(self.transforms, state["transforms"]):
+            t.R.set_state(_numpy_tuple(s))

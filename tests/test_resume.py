@@ -1,0 +1,119 @@
+"""Runs a user can trust: files written whole, a run's identity in its checkpoints, resume of that run only."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BUNDLE_ROOT, TRAIN, bundle_error, parse, read_json
+
+from scripts.resume import RunIdentity, check_trained_model
+from scripts.errors import InputError
+
+
+@pytest.mark.parametrize("what,name", [("model", "model.pt"), ("checkpoint", "checkpoint_final.pt"),
+                                       ("history", "difficulty_history.csv")])
+def test_a_kill_while_saving_leaves_the_previous_file_whole(what, name, tmp_path):
+    proc = subprocess.run([sys.executable, str(BUNDLE_ROOT / "tests" / "crash_while_saving.py"), what, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]  # it died half-way through the second write
+    if what == "history":
+        rows = (tmp_path / name).read_text().splitlines()
+        assert rows[0].startswith("pass,epoch,image") and len(rows) == 4 and all(r.startswith("1,1,") for r in rows[1:])
+    else:
+        state = torch.load(tmp_path / name, weights_only=True)
+        saved = state.get("model", state)
+        assert saved["weight"].shape == (2, 3) and not torch.all(saved["weight"] == 7.0)  # the first file's weights
+
+
+def _identity(tmp_path, demo, **changes):
+    parser = parse([TRAIN], dataset_dir=str(demo), ckpt_dir=str(tmp_path), device="cpu", features=[4, 8, 8, 16, 16],
+                   **changes)
+    return parser.get_parsed_content("run_identity")
+
+
+def test_run_identity_names_what_differs(demo, tmp_path):
+    a = _identity(tmp_path, demo)
+    assert a.differences(_identity(tmp_path, demo).fingerprint) == []
+    b = _identity(tmp_path, demo, dropout=0.25, mc_interval=5)
+    differences = a.differences(b.fingerprint)
+    assert [d.split(":")[0] for d in differences] == ["dropout", "mc_interval", "network"]
+    assert "dropout=[0.25, 0.25]" in differences[2] and "dropout=[0.5, 0.5]" in differences[2]
+    polydice = parse([TRAIN, "configs/loss/polydice1.yaml"], dataset_dir=str(demo), ckpt_dir=str(tmp_path),
+                     features=[4, 8, 8, 16, 16], eps=0.3).get_parsed_content("run_identity")
+    assert "loss" in {d.split(":")[0] for d in a.differences(polydice.fingerprint)}
+    with pytest.raises(InputError, match=r"checkpoint X belongs to another run \(dropout: 0.25 there, 0.5 here; mc_interval: 5 there, 10 here"):
+        a.load_state_dict(b.state_dict(), source="checkpoint X")
+
+
+def test_resume_refuses_another_runs_checkpoint_and_a_fresh_run_keeps_it(demo, trained, tmp_path):
+    """Two runs in one folder: resume refuses the other's checkpoint; a fresh run moves it aside, whole."""
+    import shutil
+
+    shutil.copytree(trained / "models", tmp_path / "models")
+    best = (tmp_path / "models" / "model.pt").read_bytes()
+    common = dict(dataset_dir=str(demo), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"),
+                  image_size=32, features=[4, 8, 8, 16, 16], batch_size=8, num_workers=0)
+    line = bundle_error([TRAIN], resume=True, epochs=3, **{**common, "batch_size": 4})
+    assert line.startswith(f"error: checkpoint {tmp_path / 'models'}/checkpoint_final.pt belongs to another run "
+                           "(batch_size: 8 there, 4 here)")
+    assert (tmp_path / "models" / "model.pt").read_bytes() == best
+    identity = _identity(tmp_path / "models", demo, batch_size=4)
+    identity.start(resume=False)  # what a fresh training does first
+    (moved,) = (tmp_path / "models" / "previous").iterdir()
+    assert (moved / "model.pt").read_bytes() == best and (moved / "checkpoint_final.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["previous", "run.json"]
+    assert read_json(tmp_path / "models" / "run.json")["run_id"] == identity.run_id != moved.name.split("-")[0]
+
+
+def test_evaluation_and_inference_name_the_overrides_a_model_was_trained_with(trained, demo, tmp_path):
+    net = parse(["configs/inference.yaml"], device="cpu").get_parsed_content("network_def")  # full width
+    path = trained / "models" / "model.pt"
+    with pytest.raises(InputError) as info:
+        check_trained_model(path, net, image_size=224, features=[64, 128, 256, 512, 512], dropout=0.5)
+    assert str(info.value) == (f'{path} was trained with --image_size 32 --features "[4,8,8,16,16]" (recorded in '
+                               f'{path.parent / "run.json"}) but this command has --image_size 224 --features '
+                               f'"[64,128,256,512,512]": pass --image_size 32 --features "[4,8,8,16,16]".')
+    # without run.json (a model.pt copied on its own) the tensor shapes still tell
+    alone = tmp_path / "model.pt"
+    alone.write_bytes(path.read_bytes())
+    with pytest.raises(InputError, match=r"does not fit network_def: inc.conv_0.conv.weight is \(4, 3, 3, 3\) in "
+                                         r"the file but \(64, 3, 3, 3\) here; pass the --features it was trained"):
+        check_trained_model(alone, net)
+
+
+def test_a_resumed_best_model_saver_keeps_the_better_model(tmp_path):
+    """The key-metric ranking travels in the resume checkpoint: a worse score after a resume keeps model.pt."""
+    from ignite.engine import Engine, Events
+
+    from scripts.handlers import AtomicCheckpointSaver
+
+    def validation(net, scores):
+        engine = Engine(lambda e, b: None)
+        scores = iter(scores)
+
+        @engine.on(Events.EPOCH_COMPLETED)
+        def score(e):
+            e.state.metrics, e.state.key_metric_name = {"val_mean_dice": next(scores)}, "val_mean_dice"
+
+        saver = AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True,
+                                      key_metric_filename="model.pt")
+        saver.attach(engine)
+        return engine, saver
+
+    net = torch.nn.Linear(3, 2)
+    engine, saver = validation(net, [0.8])
+    engine.run([0], max_epochs=1)
+    state = saver.state_dict()
+    best = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.nn.init.constant_(net.weight, 7.0)
+    engine, saver = validation(net, [0.6, 0.9])  # the resumed run validates worse first, then better
+    saver.load_state_dict(state)
+    engine.run([0], max_epochs=1)
+    torch.testing.assert_close(torch.load(tmp_path / "model.pt", weights_only=True), best)
+    engine.run([0], max_epochs=2)
+    assert torch.all(torch.load(tmp_path / "model.pt", weights_only=True)["weight"] == 7.0)
