@@ -11,7 +11,9 @@ linearly with the pixel count. The last columns compare the cost ratio to the sm
 
 Frames are synthetic JPEGs (smooth colour gradients with noise, quality 90); the model is a freshly initialised
 ``DropoutUNet`` of ``--features`` (seed 0) unless ``--ckpt-dir`` names a trained one (pass its ``--features`` and
-``--image-size`` too). ``--num_workers 0``, so that all the work happens in the process that is measured.
+``--image-size`` too). ``--num_workers 0``, so that all the work happens in the process that is measured. This
+script itself imports only the standard library and makes frames and model in a child of its own: Linux counts
+the parent's memory at ``fork`` in a child's peak (``ru_maxrss``), which would otherwise raise every figure.
 
     python benchmarks/large_frame.py                                  # 530x465, 3000x3000, 6000x6000; plain and MC 10
     python benchmarks/large_frame.py --sizes 530x465 6000x6000 --mc-samples 0
@@ -30,7 +32,6 @@ import time
 from pathlib import Path
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(BUNDLE_ROOT))  # the bundle's `scripts` package
 
 
 def make_frame(path: Path, width: int, height: int, seed: int = 0) -> None:
@@ -53,12 +54,24 @@ def make_frame(path: Path, width: int, height: int, seed: int = 0) -> None:
 def fresh_model(folder: Path, features: list[int]) -> Path:
     import torch
 
+    sys.path.insert(0, str(BUNDLE_ROOT))  # the bundle's `scripts` package
     from scripts.networks import DropoutUNet
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(DropoutUNet(3, 2, features=features, dropout=0.5).state_dict(), folder / "model.pt")
     return folder
+
+
+def prepare(work: Path, sizes: list[tuple[int, int]], features: list[int] | None) -> None:
+    """The frames (``work/frames_WxH/frame.jpg``) and, with ``features``, a fresh model (``work/models``)."""
+    for width, height in sizes:
+        folder = work / f"frames_{width}x{height}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "frame.jpg").exists():
+            make_frame(folder / "frame.jpg", width, height)
+    if features is not None:
+        fresh_model(work / "models", features)
 
 
 def run_inference(frames: Path, out: Path, ckpt_dir: Path, image_size: int, features: list[int],
@@ -94,21 +107,21 @@ def main() -> None:
     p.add_argument("--ckpt-dir", type=Path, help="a trained model (model.pt); default: a fresh one of --features")
     p.add_argument("--repeats", type=int, default=1, help="runs per frame and mode: the median time, max peak")
     p.add_argument("--work-dir", type=Path, help="keep frames, outputs and logs here (default: a temporary dir)")
+    p.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)  # the child that makes the inputs
     args = p.parse_args()
+    if args.prepare_only:
+        return prepare(args.work_dir, args.sizes, None if args.ckpt_dir else args.features)
     if len(args.sizes) < 2:
         p.error("--sizes needs at least two sizes (the first is the baseline)")
 
     with tempfile.TemporaryDirectory(prefix="large_frame_") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        ckpt_dir = args.ckpt_dir or fresh_model(work / "models", args.features)
-        folders = []
-        for width, height in args.sizes:
-            folder = work / f"frames_{width}x{height}"
-            folder.mkdir(exist_ok=True)
-            if not (folder / "frame.jpg").exists():
-                make_frame(folder / "frame.jpg", width, height)
-            folders.append(folder)
+        subprocess.run([sys.executable, __file__, "--prepare-only", "--work-dir", str(work), "--sizes",
+                        *(f"{w}x{h}" for w, h in args.sizes), "--features", *map(str, args.features),
+                        *(["--ckpt-dir", str(args.ckpt_dir)] if args.ckpt_dir else [])], check=True)
+        ckpt_dir = args.ckpt_dir or work / "models"
+        folders = [work / f"frames_{w}x{h}" for w, h in args.sizes]
 
         header = (f"{'mode':>6} {'frame':>11} {'Mpx':>7} {'seconds':>8} {'peak MB':>8} {'s/Mpx above':>11} "
                   f"{'B/px above':>10} {'time ratio':>10} {'mem ratio':>9} {'px ratio':>8}")

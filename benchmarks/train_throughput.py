@@ -132,8 +132,8 @@ def measure(args, device: torch.device, clock, tmp: str) -> tuple[dict, int]:
         batch_size=args.batch_size, num_workers=args.num_workers,
     )
     if args.max_images:
-        overrides["train#dataset#data"] = ("$monai.data.load_decathlon_datalist(@datalist, True, 'training', "
-                                           f"@dataset_dir)[:{args.max_images}]")
+        overrides["train#dataset#data"] = (f"$scripts.data.load_datalist(@datalist, 'training', @dataset_dir)"
+                                           f"[:{args.max_images}]")
     wf = ConfigWorkflow(config_file=str(BUNDLE_ROOT / "configs" / "train.yaml"), workflow_type="train", **overrides)
     wf.initialize()  # caches the data sets, builds the trainer and attaches the per-epoch checkpoint saver
     parser, trainer = wf.parser, wf.parser.get_parsed_content("train#trainer")

@@ -245,11 +245,9 @@ class BinarizeMaskd(MapTransform):
         for key in self.key_iterator(d):
             mask = d[key]
             if self.ref_key is not None and tuple(mask.shape[1:]) != tuple(d[self.ref_key].shape[1:]):
-                raise InputError(
-                    f"mask {_source(mask)} has spatial size {tuple(mask.shape[1:])} but its image "
-                    f"{_source(d[self.ref_key])} has {tuple(d[self.ref_key].shape[1:])}; a mask must have the "
-                    "size of its image: fix the pair or remove it from the datalist."
-                )
+                # the readers' arrays are (C, W, H): the sizes are already (width, height)
+                raise _size_mismatch(_source(d[self.ref_key]), _source(mask), d[self.ref_key].shape[1:],
+                                     mask.shape[1:])
             d[key] = binarize_mask(mask, lossless=is_lossless(_filename(mask)))
         return d
 

@@ -28,18 +28,19 @@ class InputError(ValueError):
 def user_message(error: BaseException) -> str | None:
     """
     The message of the first :class:`InputError` in ``error``'s chain of causes (MONAI's wrappers, Ignite's
-    re-raise, a DataLoader worker's copy), as one line; None when there is none.
+    re-raise), as one line; None when there is none. A DataLoader worker's error reaches the main process as
+    text only (PyTorch re-raises the worker's outermost exception type with its traceback as the message), so
+    the last ``InputError: ...`` line of a message counts too.
     """
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, InputError):
-            lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-            if not lines:
-                return type(error).__name__
-            # a DataLoader worker re-raises the error with its whole traceback as the message: the last line holds it
-            last = lines[-1].split("InputError: ", 1)[-1]
-            return last if "Traceback" in str(error) else " ".join(lines)
+        text = str(error).strip()
+        if isinstance(error, InputError) and "Traceback" not in text:
+            return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+        quoted = [line.split("InputError: ", 1)[1].strip() for line in text.splitlines() if "InputError: " in line]
+        if quoted:
+            return quoted[-1]
         error = error.__cause__ or error.__context__
     return None
 

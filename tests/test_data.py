@@ -52,7 +52,7 @@ def test_binarisation_of_colour_and_alpha_masks():
 def test_binarize_transform_names_both_files_on_a_size_mismatch():
     image = MetaTensor(torch.zeros(3, 8, 6), meta={"filename_or_obj": "frames/a.jpg"})
     label = MetaTensor(torch.zeros(1, 8, 5), meta={"filename_or_obj": "masks/a.png"})
-    with pytest.raises(ValueError, match=r"mask masks/a.png has spatial size \(8, 5\) but its image frames/a.jpg"):
+    with pytest.raises(InputError, match=r"mask masks/a.png is 5×8 \(H×W\) but its image frames/a.jpg is 6×8"):
         BinarizeMaskd("label")({"image": image, "label": label})
 
 
@@ -354,8 +354,8 @@ def test_load_datalist_over_every_kvasir_pair_and_the_cvc_tiffs(tmp_path, monkey
         path = _datalist(tmp_path, {"training": entries, "test": [{"image": "images/1.tif",
                                                                       "label": str(KVASIR / "masks" / names[0])}]})
         assert len(load_datalist(path, "training", CVC)) == len(frames)  # TIFFs Pillow cannot open
-        assert _message(path, "test", CVC).startswith(
-            f"mask {KVASIR / 'masks' / names[0]} is 529×622 (H×W) but its image {CVC / 'images' / '1.tif'} is 288×384")
+        assert _message(path, "test", CVC).startswith(f"mask {KVASIR / 'masks' / names[0]} is 529×622 (H×W) but its "
+                                                      f"image {CVC / 'images' / '1.tif'} is 288×384")
 
 
 # ---- prepare_data -----------------------------------------------------------------------------------------------
@@ -370,7 +370,8 @@ def test_prepare_data_refuses_an_output_it_cannot_write_before_reading_any_pair(
         (tmp_path / "taken",
          f"--output {tmp_path / 'taken'} is a file; pass a folder: datalist.json is written into it."),
         (tmp_path / "taken" / "sub",
-         f"--output {tmp_path / 'taken' / 'sub'} cannot be created: {tmp_path / 'taken'} is a file; pass another folder."),
+         (f"--output {tmp_path / 'taken' / 'sub'} cannot be created: {tmp_path / 'taken'} is a file; pass another "
+          "folder.")),
         (tmp_path / "out", f"cannot read image file {tmp_path / 'images' / 'a.png'}: it is not an image file"),
     ):
         proc = run(*args, "--output", str(output), check=False)

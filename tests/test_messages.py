@@ -100,3 +100,19 @@ def test_evaluation_checks_model_pt_before_it_starts(demo, trained, tmp_path):
         torch.save({"inc.conv_0.conv.weight": torch.zeros(1), "note": pickle.PickleError("x")}, f)
     line = bundle_error(EVAL_FILES, **common, **TINY_OVERRIDES)
     assert line.startswith(f"error: {tmp_path / 'model.pt'} holds Python objects that weights_only loading refuses")
+
+
+def test_an_error_in_a_dataloader_worker_keeps_its_message(tmp_path):
+    """A worker's exception reaches the main process as text only: the sentence is still found in it."""
+    import monai
+    from monai.transforms import LoadImaged
+
+    from scripts.data import PILTiffReader
+    from scripts.errors import user_message
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not a JPEG")
+    dataset = monai.data.Dataset([{"image": str(bad)}], LoadImaged("image", reader=PILTiffReader(mode="RGB")))
+    with pytest.raises(Exception) as info:
+        list(monai.data.DataLoader(dataset, num_workers=1))
+    assert user_message(info.value).startswith(f"cannot read image file {bad}: it is not an image file")
