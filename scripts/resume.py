@@ -94,8 +94,9 @@ class RunIdentity:
 
     - ``--resume True`` continues from the newest readable checkpoint of *this* run, and refuses, naming the
       checkpoint and every setting that differs, a folder whose newest checkpoint belongs to another run;
-    - a fresh run never mixes with another run's files: it moves them (``model.pt``, checkpoints, ``run.json``)
-      to ``ckpt_dir/previous/<run id>-<time>/`` and says so, so that the other run's best model stays intact;
+    - a fresh run never mixes with another run's files: it moves them (checkpoints, ``run.json``; ``model.pt`` is
+      copied, for a ``CheckpointLoader`` that fine-tunes from it) to ``ckpt_dir/previous/<run id>-<time>/`` and
+      says so, so that the other run's best model stays intact;
     - evaluation and inference can tell the settings a ``model.pt`` was trained with
       (:func:`check_trained_model`).
 
@@ -177,10 +178,13 @@ class RunIdentity:
         target = self.ckpt_dir / PREVIOUS / f"{previous}-{time.strftime('%Y%m%d-%H%M%S')}"
         target.mkdir(parents=True, exist_ok=True)
         for f in files:
-            shutil.move(str(f), target / f.name)
+            # model.pt is copied, not moved: a CheckpointLoader may start this run from it (MONAI Label's training
+            # inserts one); this run replaces it at its first validation
+            (shutil.copy2 if f.name == "model.pt" else shutil.move)(str(f), target / f.name)
         logger.warning(f"{self.ckpt_dir} held the files of another run ({previous}: "
                        f"{', '.join(sorted(f.name for f in files))}); moved them to {target} — this run starts "
-                       "from scratch. Pass --resume True to continue that run instead.")
+                       "from scratch (model.pt stays until this run's first validation replaces it). Pass "
+                       "--resume True to continue that run instead.")
 
     def resume_checkpoint(self) -> str:
         """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -29,8 +30,8 @@ def test_training_writes_checkpoints_and_logs(trained):
 
 def test_evaluation_matches_an_independent_computation(demo, trained, tmp_path):
     out = tmp_path / "eval"
-    run("-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE, "--dataset_dir", str(demo),
-        "--ckpt_dir", str(trained / "models"), "--output_dir", str(out), *TINY)
+    proc = run("-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE, "--dataset_dir", str(demo),
+               "--ckpt_dir", str(trained / "models"), "--output_dir", str(out), *TINY)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     test_list = read_json(demo / "datalist.json")["test"]
     assert len(rows) == len(test_list) > 0
@@ -55,6 +56,9 @@ def test_evaluation_matches_an_independent_computation(demo, trained, tmp_path):
     assert summary["num_images"] == len(rows)
     for metric in ("dice", "iou", "precision", "recall"):
         np.testing.assert_allclose(summary[metric]["mean"], np.mean([float(r[metric]) for r in rows]), atol=1e-5)
+        # the log reports the same per-image means (MONAI's ConfusionMatrix pools pixels unless compute_sample)
+        logged = re.search(rf"test_{metric}: ([0-9.]+)", proc.stdout + proc.stderr).group(1)
+        assert float(logged) == pytest.approx(summary[metric]["mean"], abs=1e-4), metric
 
 
 def _frames(folder, demo):

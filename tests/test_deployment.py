@@ -147,7 +147,8 @@ def test_monailabel_training_contract(demo, trained, tmp_path):
     What MONAI Label's ``BundleTrainTask`` (0.8.5) does to ``train.yaml``, without a server: the training and
     validation lists given as ``train#dataset#data`` / ``validate#dataset#data`` (labels as 0/1 PNGs), a
     ``CheckpointLoader`` of the current weights inserted at the head of ``train#handlers``, ``max_epochs`` set on
-    the trainer, and ``monai.bundle.run`` with ``init_id=None``, so ``initialize`` is skipped. ``dataset_dir``
+    the trainer, and ``monai.bundle.run`` with ``init_id=None`` (which MONAI treats as ``initialize``: a fresh run,
+    which must leave ``model.pt`` in place for the inserted loader). ``dataset_dir``
     points nowhere: nothing may read the bundle's own datalist. (apps/monailabel/check_server.py does it for real.)
     """
     bundle, train, val = monailabel_bundle(demo, trained, tmp_path)

@@ -116,3 +116,13 @@ def test_an_error_in_a_dataloader_worker_keeps_its_message(tmp_path):
     with pytest.raises(Exception) as info:
         list(monai.data.DataLoader(dataset, num_workers=1))
     assert user_message(info.value).startswith(f"cannot read image file {bad}: it is not an image file")
+
+
+def test_inference_names_the_overrides_the_model_was_trained_with(demo, trained, tmp_path):
+    line = bundle_error(["configs/inference.yaml"], input_dir=str(demo / "images"), output_dir=str(tmp_path),
+                        ckpt_dir=str(trained / "models"), num_workers=0)
+    assert line == (f'error: {trained / "models" / "model.pt"} was trained with --image_size 32 --features '
+                    f'"[4,8,8,16,16]" (recorded in {trained / "models" / "run.json"}) but this command has '
+                    '--image_size 224 --features "[64,128,256,512,512]": pass --image_size 32 --features '
+                    '"[4,8,8,16,16]".')
+    assert not list(tmp_path.iterdir())  # nothing written
