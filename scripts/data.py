@@ -33,6 +33,7 @@ __all__ = [
     "binarize_mask",
     "is_lossless",
     "list_images",
+    "FrameList",
     "find_pairs",
     "unpaired_masks",
     "check_pairs",
@@ -262,22 +263,122 @@ def _source(x) -> str:
     return "<in memory>" if name is None else name
 
 
-def list_images(folder: str | Path, what: str = "images") -> list[Path]:
-    """The image files (``IMAGE_SUFFIXES``, any case) directly in ``folder``, sorted; an error if there are none."""
+def list_images(folder: str | Path, what: str = "images", hint: str = "") -> list[Path]:
+    """
+    The image files (``IMAGE_SUFFIXES``, any case) directly in ``folder``, sorted. An :class:`InputError` naming
+    ``what`` (the option that gave the folder) when it is missing, a file, or holds no image; ``hint`` says what
+    to do.
+    """
     folder = Path(folder)
+    hint = f": {hint}" if hint else ""
     if not folder.is_dir():
-        raise FileNotFoundError(f"{what} folder {folder} does not exist or is not a folder.")
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"{what} {folder} {state}{hint}.")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{what} folder {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)}).")
+        raise InputError(f"{what} {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)}){hint}.")
     return files
+
+
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+_SHOWN = 5  # unreadable frames named in a summary; the warnings name every one
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """A few words on why ``path`` could not be read, e.g. ``truncated JPEG``, ``not an image``."""
+    kind = _FORMATS.get(path.suffix.lower(), path.suffix.lstrip(".").upper() or "image")
+    error = error.__cause__ or error  # the reader's own error (an InputError of scripts.data) wraps the library's
+    text = " ".join(str(error).replace(str(path), path.name).split())
+    if path.is_file() and path.stat().st_size == 0:
+        return "empty file"
+    if "cannot identify image file" in text:
+        return f"not a {kind} image"
+    if "truncated" in text.lower():  # "image file is truncated", "Truncated File Read"
+        return f"truncated {kind}"
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"unreadable {kind}: {type(error).__name__}" + (f": {text}" if text else "")
+
+
+def _names(failures: list[tuple[Path, str]]) -> str:
+    shown = ", ".join(f"{p.name} ({why})" for p, why in failures[:_SHOWN])
+    return shown + (f" and {len(failures) - _SHOWN} more (see the warnings above)" if len(failures) > _SHOWN else "")
+
+
+class FrameList:
+    """
+    The frames of an inference run: the image files (``IMAGE_SUFFIXES``) directly in ``folder``, sorted, less
+    those that cannot be read. :meth:`scan` reads every file once with the bundle's reader as ``LoadImaged``
+    does (``read`` and ``get_data``), so "readable" means exactly "inference can load it"; each one that fails
+    is named in a warning as it is found and left out, and :meth:`check_all_written`, run after the evaluator,
+    ends the run with an :class:`InputError` naming them.
+
+    Why a check up front rather than a dataset that records its failures: the loader runs in worker processes
+    (``num_workers``), whose records would have to travel back to the main process, and an item that fails
+    cannot simply vanish from a batch (a batch of one would be empty); a list of readable frames keeps MONAI's
+    ``Dataset``, ``DataLoader`` and evaluator as they are. The price is one extra decode per frame, measured at
+    1.5 ms for a 530×465 JPEG and 0.46 s for a 6000×6000 one (one core), against 0.1-1 s of inference per frame
+    on a CPU; the check holds one decoded frame at a time, less memory than inference needs for it.
+
+    Args:
+        folder: the folder of frames (``--input_dir``).
+        reader: the image reader of ``LoadImaged``; default ``PILTiffReader(mode="RGB")``.
+    """
+
+    def __init__(self, folder: str | os.PathLike, reader=None) -> None:
+        self.folder = Path(folder)
+        self.reader = reader if reader is not None else PILTiffReader(mode="RGB")
+        self.files: list[Path] | None = None  # every image file of the folder
+        self.readable: list[Path] = []
+        self.unreadable: list[tuple[Path, str]] = []  # (file, why)
+        self._scanned = False
+
+    def list_files(self) -> list[Path]:
+        """The image files of the folder; an :class:`InputError` when the folder is missing or holds none."""
+        if self.files is None:
+            self.files = list_images(self.folder, "input_dir", hint="pass --input_dir the folder that holds the frames")
+        return self.files
+
+    def scan(self) -> list[dict[str, str]]:
+        """
+        Decode every frame once (the first call only) and return the readable ones as the dataset's items,
+        ``[{"image": path}, ...]``. An :class:`InputError` when none can be read.
+        """
+        if not self._scanned:
+            self.readable, self.unreadable = [], []
+            for path in self.list_files():
+                try:
+                    self.reader.get_data(self.reader.read(str(path)))  # what LoadImage does: decodes the file
+                except MemoryError:
+                    raise
+                except Exception as e:  # Pillow and tifffile raise many types for corrupt files
+                    why = _why_unreadable(path, e)
+                    self.unreadable.append((path, why))
+                    logger.warning(f"skipping frame {path}: {why}; the other frames are inferred")
+                else:
+                    self.readable.append(path)
+            if not self.readable:
+                raise InputError(f"none of the {len(self.files)} image files in input_dir {self.folder} can be "
+                                 f"read: {_names(self.unreadable)}; replace them with readable frames.")
+            self._scanned = True
+        return [{"image": str(p)} for p in self.readable]
+
+    def check_all_written(self, output_dir: str | os.PathLike | None = None) -> bool:
+        """After inference: an :class:`InputError` naming the frames that were skipped, if any; else True."""
+        if self.unreadable:
+            where = f" to {output_dir}" if output_dir is not None else ""
+            raise InputError(
+                f"inference wrote {len(self.readable)} of {len(self.files)} frames{where}; "
+                f"{len(self.unreadable)} could not be read: {_names(self.unreadable)}; fix or remove "
+                f"{'it' if len(self.unreadable) == 1 else 'them'} and run again."
+            )
+        return True
 
 
 def _stem_index(folder: Path, what: str) -> dict[str, Path]:
     index: dict[str, Path] = {}
-    for path in list_images(folder, what):
+    for path in list_images(folder, f"{what} folder", hint="check --root, or --images and --masks"):
         if path.stem in index:
-            raise ValueError(f"{what} folder {folder} holds two files with the stem {path.stem!r}: "
+            raise InputError(f"{what} folder {folder} holds two files with the stem {path.stem!r}: "
                              f"{index[path.stem].name} and {path.name}; images and masks are paired by stem.")
         index[path.stem] = path
     return index

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_path"]
+from scripts.errors import InputError
+
+__all__ = ["atomic_write", "atomic_path", "check_output_dir"]
 
 
 @contextmanager
@@ -43,3 +45,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator
     """``open(path, mode, **kwargs)`` through :func:`atomic_path`: the file appears whole when the block ends."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+def check_output_dir(path: str | os.PathLike) -> bool:
+    """An :class:`InputError` when ``path`` (``--output_dir``), or a folder above it, is an existing file. Creates
+    nothing. Returns True, so that a config can run it as an ``initialize`` step."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is an existing file" if folder == path else f"lies under {folder}, which is a file"
+                raise InputError(f"output_dir {path} {what}: pass --output_dir a folder (it is created if missing).")
+            break
+    return True

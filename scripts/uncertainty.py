@@ -21,7 +21,8 @@ from torch import nn
 from scripts.networks import mc_dropout
 
 __all__ = [
-    "binary_entropy", "auto_chunk_size", "check_chunk_size", "mc_foreground_samples", "mc_foreground_samples_naive", "uncertainty_maps", "MCDropoutInferer",
+    "binary_entropy", "auto_chunk_size", "check_chunk_size", "mc_foreground_samples", "mc_foreground_samples_naive",
+    "uncertainty_maps", "MCDropoutInferer",
 ]
 
 

@@ -77,7 +77,7 @@ def test_pairs_are_matched_by_stem_and_checked(tmp_path):
 
 
 def test_pairing_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="images folder .*missing does not exist"):
+    with pytest.raises(InputError, match="images folder .*missing does not exist: check --root, or --images and"):
         find_pairs(tmp_path / "missing", tmp_path)
     _pair(tmp_path, "a")
     Image.new("RGB", (4, 4)).save(tmp_path / "images" / "lonely.jpg")

@@ -139,7 +139,7 @@ def test_a_bad_folder_ends_in_one_sentence_before_any_work(case, tmp_path):
 
 def test_frame_list_skips_and_names_every_unreadable_file(tmp_path, caplog):
     from scripts.errors import InputError
-    from scripts.transforms import FrameList
+    from scripts.data import FrameList
 
     Image.new("RGB", (40, 30), (200, 90, 80)).save(tmp_path / "good.jpg")
     jpeg = (tmp_path / "good.jpg").read_bytes()

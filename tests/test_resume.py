@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT, TRAIN, bundle_error, parse, read_json
 
-from scripts.resume import RunIdentity, check_trained_model
 from scripts.errors import InputError
+from scripts.resume import check_trained_model
 
 
 @pytest.mark.parametrize("what,name", [("model", "model.pt"), ("checkpoint", "checkpoint_final.pt"),
@@ -46,7 +45,8 @@ def test_run_identity_names_what_differs(demo, tmp_path):
     polydice = parse([TRAIN, "configs/loss/polydice1.yaml"], dataset_dir=str(demo), ckpt_dir=str(tmp_path),
                      features=[4, 8, 8, 16, 16], eps=0.3).get_parsed_content("run_identity")
     assert "loss" in {d.split(":")[0] for d in a.differences(polydice.fingerprint)}
-    with pytest.raises(InputError, match=r"checkpoint X belongs to another run \(dropout: 0.25 there, 0.5 here; mc_interval: 5 there, 10 here"):
+    with pytest.raises(InputError, match=r"checkpoint X belongs to another run \(dropout: 0.25 there, 0.5 here; "
+                                         r"mc_interval: 5 there, 10 here"):
         a.load_state_dict(b.state_dict(), source="checkpoint X")
 
 
