@@ -26,7 +26,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from scripts.files import atomic_write
+from scripts.files import atomic_path
 
 __all__ = ["plot_uncertainty_evolution", "plot_epsilon_distribution", "choose_images", "write_figures", "colour_map"]
 
@@ -87,8 +87,8 @@ def _save(fig: Figure, out_png: str | Path, dpi: int = 100) -> Path:
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attaches itself to fig: Agg rendering without pyplot's backend machinery
-    with atomic_write(out_png, "wb") as f:
-        fig.savefig(f, dpi=dpi, format="png")
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     return out_png
 
 

@@ -13,21 +13,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from monai.data import PILWriter
+
 from scripts.errors import InputError
 
-__all__ = ["atomic_write", "atomic_path", "check_output_dir"]
+__all__ = ["atomic_write", "atomic_path", "AtomicPILWriter", "check_output_dir"]
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
-    A temporary path beside ``path`` to write to; on a clean exit it replaces ``path``, on an exception it is
+    A temporary path beside ``path`` to write to (``.<name>.<random>.tmp<suffixes>``, so that a writer that
+    chooses the format by suffix still can); on a clean exit it replaces ``path``, on an exception it is
     removed and ``path`` is left as it was. The new file gets the permissions of an ordinary new file (the
     temporary one is private until then).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the temporary name ends like the target (.png, .nii.gz): writers that choose the format by suffix still can
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -45,6 +49,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator
     """``open(path, mode, **kwargs)`` through :func:`atomic_path`: the file appears whole when the block ends."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+class AtomicPILWriter(PILWriter):
+    """MONAI's ``PILWriter`` (``SaveImaged(writer=...)``) writing each image through :func:`atomic_path`."""
+
+    def write(self, filename, verbose: bool = False, **kwargs):
+        with atomic_path(filename) as tmp:
+            super().write(tmp, verbose=verbose, **kwargs)
 
 
 def check_output_dir(path: str | os.PathLike) -> bool:

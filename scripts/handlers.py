@@ -31,7 +31,7 @@ from scripts.difficulty import (
     image_difficulty,
     normalise_difficulty,
 )
-from scripts.files import atomic_write
+from scripts.files import atomic_path, atomic_write
 from scripts.uncertainty import check_chunk_size, mc_foreground_samples, uncertainty_maps
 
 __all__ = ["AtomicCheckpointSaver", "DifficultyPass", "SegmentationReport", "UncertaintyReport"]
@@ -288,9 +288,9 @@ class DifficultyPass:
                 writer.writerow([k, epoch, row[0], row[1], f"{row[2]:.6g}", f"{row[3]:.6g}", f"{row[4]:.6g}",
                                  f"{seconds:.3f}"])
         if maps:
-            with atomic_write(self.output_dir / "mc_maps" / f"pass_{k:03d}.npz", "wb") as f:
+            with atomic_path(self.output_dir / "mc_maps" / f"pass_{k:03d}.npz") as tmp:
                 np.savez_compressed(
-                    f, ids=np.array([m["id"] for m in maps]), epoch=epoch,
+                    tmp, ids=np.array([m["id"] for m in maps]), epoch=epoch,
                     **{key: torch.stack([m[key] for m in maps]).numpy().astype(np.float32)
                        for key in ("image", "label", "mean", "variance", "entropy", "mutual_information")})
 
@@ -445,18 +445,11 @@ class UncertaintyReport:
             writer.writerows(self._rows)
 
     def _save_map(self, values: np.ndarray, stem: Path, name: str, scheme: str) -> None:
-        import gzip
-
-        from scripts.files import atomic_path
-
-        # NIfTI axes x, y = the frame's width, height (PIL order), 1 unit per pixel; gzip level 1 as nib.save's
-        image = nib.Nifti1Image(np.asarray(values, dtype=np.float32), np.eye(4))
-        target = f"{stem}_{name}.nii.gz"
-        with atomic_write(target, "wb") as f, gzip.GzipFile(target, "wb", compresslevel=1, fileobj=f) as gz:
-            image.to_file_map(nib.Nifti1Image.make_file_map({"image": gz}))
-        rgb = self._colour_map(values.T, scheme)  # (H, W, 3), contiguous, for PIL
+        # NIfTI axes x, y = the frame's width, height (PIL order), 1 unit per pixel
+        with atomic_path(f"{stem}_{name}.nii.gz") as tmp:
+            nib.save(nib.Nifti1Image(np.asarray(values, dtype=np.float32), np.eye(4)), tmp)
         with atomic_path(f"{stem}_{name}.png") as tmp:
-            Image.fromarray(rgb).save(tmp, format="PNG")
+            Image.fromarray(self._colour_map(values.T, scheme)).save(tmp)  # (H, W, 3) for PIL
 
     def _tick(self, engine: Engine) -> None:
         self._began = time.perf_counter()

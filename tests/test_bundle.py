@@ -172,6 +172,9 @@ def test_top_level_ids_are_honoured(demo):
     assert parser.get_parsed_content("train#trainer").state.max_epochs == 7
     resize = [t for t in parser.get_parsed_content("train#deterministic_transforms") if type(t).__name__ == "Resized"]
     assert tuple(resize[0].resizer.spatial_size) == (48, 48)
+    # image_size [H, W]: the readers' arrays are (C, W, H), so Resized gets (W, H)
+    resize = parse([TRAIN], image_size=[32, 48]).get_parsed_content("train#deterministic_transforms")[3]
+    assert type(resize).__name__ == "Resized" and tuple(resize.resizer.spatial_size) == (48, 32)
     handlers = parser.get_parsed_content("train#handlers")
     assert [h for h in handlers if type(h).__name__ == "ValidationHandler"][0].interval == 3
     assert parser.get_parsed_content("train#checkpoint_saver").save_dir == "/tmp/ck"
@@ -196,6 +199,8 @@ def test_resume_continues_from_the_last_checkpoint(demo, tmp_path):
     log = resumed.stdout + resumed.stderr
     assert "Restored all variables from" in log
     assert "Epoch[3] Complete" in log and "Epoch[1] Complete" not in log and "Epoch[2] Complete" not in log
+    # the console: no log line per iteration under the progress bar, no warning from the bundle's own files
+    assert " Iter: " not in log and "deprecated name" not in log and "worker processes in total" not in log
     state = torch.load(tmp_path / "m" / "checkpoint_final.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 3 * state["trainer"]["epoch_length"]
     # the run kept its own two epoch checkpoints (not two more), and its best score so far: model.pt is replaced
