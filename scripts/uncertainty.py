@@ -136,16 +136,17 @@ def auto_chunk_size(skip: torch.Tensor) -> int:
     The (sample, image) pairs per decoder call that the fast MC pass uses by default, from the device and the
     network's widest activation: ``skip`` is the full-resolution encoder output of one batch, ``(B, f0, H, W)``.
 
-    On a GPU, 64 pairs (memory, not speed, is the limit; lower it with ``mc_chunk_size`` when it runs out). On a
-    CPU, as many pairs as keep the decoder's largest tensor (the skip concatenated with the upsampled features,
-    ``2·f0·H·W`` floats a pair) within glibc's largest mmap threshold, 32 MiB: above it every allocation is
-    mapped afresh, which made chunks larger than one pair slower at full width (Table 1 U-Net, 224 px:
-    ``auto`` = 1), while narrow networks gain from large chunks (``benchmarks/mc_pass.py``).
+    On a GPU, 64 pairs (memory, not speed, is the limit; lower ``mc_chunk_size`` if it runs out). On a CPU, as
+    many pairs as keep the decoder's largest tensor (the skip concatenated with the upsampled features,
+    ``2·f0·H·W`` floats a pair) within 8 MiB, and at most 8: measured with ``benchmarks/mc_pass.py`` (one
+    thread), the Table 1 U-Net at 224 px is fastest at 1 pair (25.7 MB each; larger blocks are mapped afresh by
+    glibc on every allocation), and narrow networks at 8 (features 16..128 at 96 px: 0.084 s/image at 7-8
+    pairs, 0.106 at 28, 0.140 at 64; features 8..64 at 64 px: 0.020 at 8, 0.022 at 32, 0.030 at 1).
     """
     if skip.device.type != "cpu":
         return 64
-    pair_bytes = 2 * skip[0].numel() * 4
-    return max(1, min(64, (32 << 20) // pair_bytes))
+    pair_bytes = 2 * skip[0].numel() * skip.element_size()
+    return max(1, min(8, (8 << 20) // pair_bytes))
 
 
 def check_chunk_size(chunk_size) -> None:
