@@ -1,7 +1,8 @@
 # Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
 """
-Data: a reader for every format colonoscopy frames come in, the mask binarisation rule, datalist building
-and checking, and the synthetic demo set. ``python -m scripts.prepare_data`` is the command line over this.
+Data at run time: a reader for every format colonoscopy frames come in, the mask binarisation rule, the checked
+datalist and frame list, and datalist building. ``python -m scripts.prepare_data`` (which also makes the synthetic
+demo set) is the command line over this.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ __all__ = [
     "load_datalist",
     "split_pairs",
     "write_datalist",
-    "make_demo_dataset",
     "spatial_size",
 ]
 
@@ -594,46 +594,3 @@ def write_datalist(splits: Mapping[str, Sequence[Mapping[str, Path]]], output_di
     with atomic_write(path) as f:
         f.write(json.dumps(datalist, indent=2) + "\n")
     return path
-
-
-def make_demo_dataset(output_dir: str | Path, num_images: int = 60, seed: int = 0) -> tuple[Path, Path]:
-    """
-    Generate a small synthetic polyp-like set: reddish, vignetted mucosa with folds and specular highlights,
-    and one to two rounded, textured polyps per frame (some with low contrast, as hard cases), at a few frame
-    sizes, as JPEG frames and 0/255 PNG masks in ``output_dir/images`` and ``output_dir/masks``.
-    """
-    rng = np.random.default_rng(seed)
-    images_dir, masks_dir = Path(output_dir) / "images", Path(output_dir) / "masks"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    masks_dir.mkdir(parents=True, exist_ok=True)
-    sizes = [(256, 256), (288, 384), (320, 288)]
-    for i in range(num_images):
-        h, w = sizes[i % len(sizes)]
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        r = np.hypot((yy - h / 2) / h, (xx - w / 2) / w)
-        folds = 0.08 * np.sin(xx / rng.uniform(8, 20) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(10, 25))
-        base = np.clip(0.85 - 0.9 * r**2 + folds, 0, 1)
-        tint = np.array([0.85, 0.45, 0.40]) * rng.uniform(0.8, 1.1, size=3)
-        image = base[..., None] * tint + rng.normal(0, 0.03, (h, w, 3))
-        mask = np.zeros((h, w), bool)
-        for _ in range(rng.integers(1, 3)):
-            cy, cx = rng.uniform(0.25, 0.75) * h, rng.uniform(0.25, 0.75) * w
-            ry, rx = rng.uniform(0.08, 0.22) * h, rng.uniform(0.08, 0.22) * w
-            angle = rng.uniform(0, np.pi)
-            dy, dx = yy - cy, xx - cx
-            u, v = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
-            blob = (u / rx) ** 2 + (v / ry) ** 2
-            polyp = blob <= 1.0
-            contrast = rng.uniform(0.08, 0.35)  # low contrast = hard image
-            shade = 1 - 0.4 * np.clip(blob, 0, 1)
-            texture = 0.05 * np.sin(xx / 3.0 + yy / 5.0)
-            colour = np.array([0.95, 0.55, 0.45]) * (1 + contrast)
-            image[polyp] = (shade[..., None] * colour + texture[..., None])[polyp] * (1 - contrast) + image[polyp] * contrast
-            mask |= polyp
-        for _ in range(rng.integers(1, 4)):  # specular highlights, everywhere
-            sy, sx = rng.uniform(0, h), rng.uniform(0, w)
-            image[np.hypot(yy - sy, xx - sx) < rng.uniform(2, 6)] = 1.0
-        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(images_dir / f"demo_{i:03d}.jpg",
-                                                                             quality=92)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(masks_dir / f"demo_{i:03d}.png")
-    return images_dir, masks_dir

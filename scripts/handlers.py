@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.metrics import compute_confusion_matrix_metric
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointSaver
+from monai.metrics import compute_confusion_matrix_metric
 from PIL import Image
 
 from scripts.difficulty import (
@@ -32,7 +32,12 @@ from scripts.difficulty import (
     normalise_difficulty,
 )
 from scripts.files import atomic_path, atomic_write
-from scripts.uncertainty import check_chunk_size, mc_foreground_samples, uncertainty_maps
+from scripts.settings import is_int
+from scripts.uncertainty import (
+    check_chunk_size,
+    mc_foreground_samples,
+    uncertainty_maps,
+)
 
 __all__ = ["AtomicCheckpointSaver", "DifficultyPass", "SegmentationReport", "UncertaintyReport"]
 
@@ -177,7 +182,7 @@ class DifficultyPass:
     ) -> None:
         for name, value, low in (("start", start, 0), ("interval", interval, 1), ("num_samples", num_samples, 2),
                                  ("batch_size", batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value, low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
         for name, value, allowed in (("empty", empty, EMPTY_RULES), ("signal", signal, SIGNALS),
                                      ("assignment", assignment, ASSIGNMENTS)):

@@ -9,6 +9,8 @@ import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from scripts.settings import is_int
+
 __all__ = ["PolyDiceLoss", "AdaptivePolyDiceLoss", "WeightedSumLoss", "theta_squared"]
 
 # Below this x the closed form loses nothing but its derivative, (d/dx)asin(sqrt(x/2)), is infinite at x = 0.
@@ -82,7 +84,7 @@ class PolyDiceLoss(_Loss):
             ValueError: When ``order`` is neither None nor an int >= 1, or a smoothing term is negative.
         """
         super().__init__(reduction=LossReduction(reduction).value)
-        if order is not None and (isinstance(order, bool) or not isinstance(order, int) or order < 1):
+        if order is not None and not is_int(order, 1):
             raise ValueError(f"order must be None or an int >= 1, got {order!r}.")
         if smooth_nr < 0 or smooth_dr < 0:
             raise ValueError(f"smooth_nr and smooth_dr must be >= 0, got {smooth_nr} and {smooth_dr}.")

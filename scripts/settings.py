@@ -12,12 +12,16 @@ import numbers
 from scripts.difficulty import ASSIGNMENTS, EMPTY_RULES, SIGNALS
 from scripts.errors import InputError
 
-__all__ = ["check_settings"]
+__all__ = ["check_settings", "is_int"]
+
+
+def is_int(value, low: int = 0) -> bool:
+    """Whether ``value`` is an integer (a bool is not) of at least ``low``: the check of every count and size."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
 
 
 def _int(low: int):
-    return (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low,
-            f"an integer >= {low}")
+    return (lambda v: is_int(v, low), f"an integer >= {low}")
 
 
 def _float(low: float, high: float, high_open: bool = False):
@@ -30,7 +34,7 @@ def _float(low: float, high: float, high_open: bool = False):
 
 
 def _multiple_of_16(v) -> bool:
-    return _int(16)[0](v) and v % 16 == 0
+    return is_int(v, 16) and v % 16 == 0
 
 
 _RULES = {
@@ -55,7 +59,7 @@ _RULES = {
     "mc_start": _int(0),
     "mc_interval": _int(1),
     "mc_samples": (lambda v: _int(0)[0](v) and v != 1, "0 (inference without MC dropout) or an integer >= 2"),
-    "mc_chunk_size": (lambda v: v == "auto" or _int(1)[0](v), "auto or an integer >= 1"),
+    "mc_chunk_size": (lambda v: v == "auto" or is_int(v, 1), "auto or an integer >= 1"),
     "percentile": _float(0.0, 100.0),
     "eps_min": _float(-0.5, float("inf")),
     "eps_max": _float(-0.5, float("inf")),

@@ -17,7 +17,6 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Resize
 
-
 __all__ = ["original_size", "ResizeToOriginald"]
 
 def original_size(image) -> tuple[int, ...]:

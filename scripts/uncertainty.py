@@ -19,6 +19,7 @@ from monai.utils import convert_to_dst_type
 from torch import nn
 
 from scripts.networks import mc_dropout
+from scripts.settings import is_int
 
 __all__ = [
     "binary_entropy", "auto_chunk_size", "check_chunk_size", "mc_foreground_samples", "mc_foreground_samples_naive",
@@ -107,7 +108,7 @@ def _unwrap(network: nn.Module) -> nn.Module:
 def _check_common(network: nn.Module, images: torch.Tensor, num_samples: int) -> None:
     if not isinstance(network, nn.Module):
         raise ValueError(f"network must be a torch.nn.Module, got {type(network).__name__}.")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    if not is_int(num_samples, 1):
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -151,7 +152,7 @@ def auto_chunk_size(skip: torch.Tensor) -> int:
 
 def check_chunk_size(chunk_size) -> None:
     """Raise ValueError unless ``chunk_size`` is ``"auto"`` or a positive int."""
-    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size != "auto" and not is_int(chunk_size, 1):
         raise ValueError(f"chunk_size must be 'auto' or an int >= 1, got {chunk_size!r}.")
 
 
@@ -270,7 +271,7 @@ class MCDropoutInferer(Inferer):
 
     def __init__(self, num_samples: int = 10, chunk_size: int | str = "auto") -> None:
         super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples == 1 or num_samples < 0:
+        if not is_int(num_samples, 0) or num_samples == 1:
             raise ValueError(f"num_samples must be 0 (deterministic) or an int >= 2, got {num_samples!r}.")
         check_chunk_size(chunk_size)
         self.num_samples, self.chunk_size = num_samples, chunk_size
