@@ -1,27 +1,37 @@
 # Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
 """
-Training throughput of the bundle (``configs/train.yaml``) against a plain PyTorch loop.
+Training throughput of the bundle (``configs/train.yaml``, with any overlays) against a plain PyTorch loop.
 
-The bundle side is the real ``train#trainer`` (SupervisedTrainer with its validation, stats, TensorBoard, progress
-bar and per-epoch checkpoint handlers, and any postprocessing or training metric the config gives it), parsed in-process with ConfigWorkflow and the
-same overrides the command line takes. The plain side is a hand-written loop (forward, loss, backward, Adam step)
-over the same ``train#dataset`` object and transforms, a DataLoader with the same batch size, workers and
-shuffling, a fresh ``network_def`` starting from the same weights, and the same ``loss``, lr and AMP setting; it
-feeds plain tensors (``as_tensor()``), the bundle feeds MetaTensors (their cost lands in its "train step").
+The bundle side is the real ``train#trainer`` (SupervisedTrainer with its difficulty pass, validation, stats,
+TensorBoard, progress bar and per-epoch checkpoint handlers), parsed in-process with ConfigWorkflow from
+``configs/train.yaml`` and the ``--overlay`` files layered on it in order, as the bundle's
+``--config_file "['configs/train.yaml','configs/loss/dice.yaml']"`` layers them, with the same overrides the command
+line takes. The plain side is a hand-written loop (forward, loss, backward, Adam step) over the same
+``train#dataset`` object and transforms, a DataLoader with the same batch size, workers and shuffling, a fresh
+``network_def`` starting from the same weights, the trainer's own loss object (so that the adaptive loss reads the
+same ε table), lr and AMP setting. It feeds the image as a plain tensor (``as_tensor()``) and the label as the
+MetaTensor it is: the adaptive loss finds each image's ε by the label's ``filename_or_obj``, so any loop training
+with it has to keep that. The bundle feeds MetaTensors throughout (their cost lands in its "train step").
 
 Validation is kept out of the timed epochs by overriding ``val_interval`` to more than the number of epochs
 (the validation set is still cached at start-up, untimed): the trainer's handler list stays exactly the one a real
 run has, whereas an empty validation list would switch the config to its "no validation" checkpoint handler.
+With adaptive training (the default), the difficulty pass, due every ``mc_interval`` (τ) epochs, is moved to the
+first timed epoch (``mc_start`` 2) so that one is measured: its time is taken out of that epoch and printed on its
+own, as seconds, pass/plain epoch and the cost of one pass every τ epochs, ``1 + (pass/epoch)/τ`` (the measured
+counterpart of ``mc_pass.py``'s compute-only estimate).
 
 After one warm-up epoch of each, the two sides alternate epoch by epoch (the plain epoch runs from the trainer's
-EPOCH_COMPLETED, after the bundle epoch's timer stopped, so Ignite's own "Epoch[k] Complete. Time taken" log line
-includes it) so machine noise hits both. Printed: images/s of each, the median over rounds of bundle/plain epoch
-time, the share of each epoch spent waiting for batches, and where the bundle's extra time goes: every handler of
-the trainer is wrapped with a timer (through Ignite's private ``_event_handlers``), so the cost of each config
-component is measured in the same run rather than by ablation runs. Run on an idle machine: the epoch ratio is
-only as steady as the machine, the handler times are much steadier.
+last EPOCH_COMPLETED handler, after the bundle epoch was timed, so Ignite's own "Epoch[k] Complete. Time taken"
+log line includes it) so that machine noise hits both. Ignite's ``HandlersTimeProfiler``, attached to the trainer,
+times every handler, every batch fetch and every iteration; the report takes its figures from the timed epochs
+only. Printed: images/s of each side, the median over rounds of bundle/plain epoch time, the share of each epoch
+spent waiting for batches, and where the bundle's extra time goes, handler by handler, so that the cost of each
+config component is measured in the same run rather than by ablation runs. Run on an idle machine: the epoch ratio
+is only as steady as the machine, the handler times are much steadier.
 
     python benchmarks/train_throughput.py                      # thesis setting (224, Table 1, batch 32), demo data
+    python benchmarks/train_throughput.py --overlay configs/loss/dice.yaml         # the Dice baseline instead
     python benchmarks/train_throughput.py --image-size 96 --features 16 32 64 128 128 --batch-size 16 --threads 1
 """
 
@@ -32,22 +42,37 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))  # so that the config's `scripts.*` imports resolve
 
 import torch  # noqa: E402
-from ignite.engine import Engine, Events  # noqa: E402
+from ignite.engine import Events  # noqa: E402
+from ignite.handlers import HandlersTimeProfiler  # noqa: E402
 from monai.bundle import ConfigWorkflow  # noqa: E402
 from monai.data import DataLoader  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
+
+# Ignite's event-filter wrapper (``Events.X(every=...)``, ``event_filter=...``) hides the name of a handler object
+# from the profiler; in train.yaml the only such handler at EPOCH_STARTED is the difficulty pass, at EPOCH_COMPLETED
+# the validation handler.
+FILTERED = "Engine._handler_wrapper.<locals>.wrapper"
+PASS = ("EPOCH_STARTED", FILTERED)
+LABELS = {  # (event, handler name as the profiler knows it) -> what the config calls it
+    PASS: "DifficultyPass",
+    ("EPOCH_COMPLETED", FILTERED): "ValidationHandler",
+    ("EPOCH_COMPLETED", "CheckpointSaver.interval_completed"): "train#checkpoint_saver (every epoch)",
+    ("ITERATION_COMPLETED", "_OutputHandler"): "ProgressBar (per iteration)",
+    ("MODEL_COMPLETED", "Workflow._register_decollate.<locals>._decollate_data"): "decollate batch (in the step)",
+}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset-dir", help="folder holding datalist.json (default: generate the demo set in a temp dir)")
+    p.add_argument("--overlay", nargs="+", default=[], metavar="YAML",
+                   help="config files layered on configs/train.yaml in this order, e.g. configs/loss/dice.yaml")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--features", type=int, nargs=5, default=[64, 128, 256, 512, 512])
     p.add_argument("--batch-size", type=int, default=32)
@@ -56,7 +81,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 on a shared, busy CPU")
     p.add_argument("--max-images", type=int, help="use only the first N training images (CPU-sized runs)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    return args
 
 
 def make_clock(device: torch.device):
@@ -65,38 +93,14 @@ def make_clock(device: torch.device):
     return lambda: (sync(), time.perf_counter())[1]
 
 
-NAMES = {  # the handlers' function names, as the config knows them
-    "_run_postprocessing": "train#postprocessing (AsDiscreted)",
-    "_decollate_data": "decollate batch (for postprocessing)",
-    "MeanDice": "train#key_metric (MeanDice)",
-    "_compare_metrics": "key metric best-value tracking",
-    "_OutputHandler": "ProgressBar",
-    "CheckpointSaver": "CheckpointSaver (train#checkpoint_saver)",
-}
-
-
-def handler_name(f) -> str:
-    f = f._parent() if hasattr(f, "_parent") else f  # unwrap Ignite's event-filter wrappers (every=N)
-    owner = getattr(f, "__self__", None)
-    if owner is not None and not isinstance(owner, Engine):
-        return type(owner).__name__
-    return getattr(f, "__qualname__", type(f).__name__).split("<locals>.")[-1]
-
-
-def profile_handlers(engine: Engine, totals: defaultdict, mark: dict, clock) -> None:
-    """Wrap every handler attached so far: its time accumulates in ``totals[name]`` and, when it runs inside
-    the iteration function (postprocessing, decollation), is taken off ``mark["step"]``."""
-    for handlers in engine._event_handlers.values():
-        for i, (f, args, kwargs) in enumerate(handlers):
-            def timed(*a, _f=f, _name=handler_name(f), **k):
-                t = clock()
-                out = _f(*a, **k)
-                dt = clock() - t
-                totals[_name] += dt
-                if mark.get("in_step"):
-                    mark["step"] -= dt
-                return out
-            handlers[i] = (timed, args, kwargs)
+def profiled(profiler: HandlersTimeProfiler) -> dict:
+    """The profiler's lists of times so far: batch fetches ("data"), the iteration function ("step") and each
+    handler, keyed by (event name, handler name)."""
+    lists = {"data": profiler.dataflow_times, "step": profiler.processing_times}
+    for event, handlers in profiler.event_handlers_times.items():
+        for name, times in handlers.items():
+            lists[(getattr(event, "name", str(event)), name)] = times
+    return lists
 
 
 def plain_epoch(net, loader, loss_fn, opt, scaler, device, clock) -> tuple[float, float]:
@@ -111,7 +115,8 @@ def plain_epoch(net, loader, loss_fn, opt, scaler, device, clock) -> tuple[float
         wait += clock() - t
         if batch is None:
             break
-        x, y = batch["image"].to(device).as_tensor(), batch["label"].to(device).as_tensor()
+        # the label keeps its metadata: the adaptive loss looks up each image's eps by its file name
+        x, y = batch["image"].to(device).as_tensor(), batch["label"].to(device)
         opt.zero_grad()
         with torch.autocast(device.type, enabled=scaler.is_enabled()):
             loss = loss_fn(net(x), y)
@@ -122,72 +127,75 @@ def plain_epoch(net, loader, loss_fn, opt, scaler, device, clock) -> tuple[float
     return clock() - start, wait
 
 
-def measure(args, device: torch.device, clock, tmp: str) -> tuple[dict, int]:
-    """Run the interleaved epochs; returns the per-epoch records and the number of training images."""
+def measure(args, device: torch.device, clock, tmp: str) -> dict:
+    """Run the interleaved epochs; returns the per-epoch records, the difficulty passes and the setting."""
     epochs = args.rounds + 1
     overrides = dict(
         bundle_root=str(BUNDLE_ROOT), dataset_dir=str(Path(args.dataset_dir).resolve()),
         ckpt_dir=f"{tmp}/models", output_dir=f"{tmp}/eval", device=f"$torch.device('{device}')",
-        epochs=epochs, val_interval=epochs + 1, image_size=args.image_size, features=list(args.features),
-        batch_size=args.batch_size, num_workers=args.num_workers,
+        epochs=epochs, val_interval=epochs + 1, mc_start=2, image_size=args.image_size,
+        features=list(args.features), batch_size=args.batch_size, num_workers=args.num_workers,
     )
     if args.max_images:
-        overrides["train#dataset#data"] = (f"$scripts.data.load_datalist(@datalist, 'training', @dataset_dir)"
-                                           f"[:{args.max_images}]")
-    wf = ConfigWorkflow(config_file=str(BUNDLE_ROOT / "configs" / "train.yaml"), workflow_type="train", **overrides)
+        overrides["train#dataset#data"] = f"$@train#datalist[:{args.max_images}]"
+    configs = [BUNDLE_ROOT / "configs" / "train.yaml", *(Path(f).resolve() for f in args.overlay)]
+    wf = ConfigWorkflow(config_file=[str(f) for f in configs], workflow_type="train", **overrides)
     wf.initialize()  # caches the data sets, builds the trainer and attaches the per-epoch checkpoint saver
     parser, trainer = wf.parser, wf.parser.get_parsed_content("train#trainer")
     dataset = parser.get_parsed_content("train#dataset")
+    rec: dict = {"bundle": [], "plain": [], "passes": [], "images": len(dataset), "loss": trainer.loss_function,
+                 "tau": parser.get_parsed_content("mc_interval"),
+                 "configs": [str(f.relative_to(BUNDLE_ROOT)) if f.is_relative_to(BUNDLE_ROOT) else str(f)
+                             for f in configs]}
 
     # plain side: fresh network from network_def with the bundle's initial weights, same loss / lr / AMP
     set_determinism(seed=parser.get_parsed_content("seed"))
     net = parser.get_parsed_content("network_def", lazy=False).to(device)
     net.load_state_dict(trainer.network.state_dict())
-    loss_fn = parser.get_parsed_content("loss", lazy=False)
     opt = torch.optim.Adam(net.parameters(), lr=parser.get_parsed_content("learning_rate"))
     scaler = torch.amp.GradScaler(device.type, enabled=bool(trainer.amp))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
 
-    # bundle side: time every handler, the epochs (start first, stop last), the batch fetches and the iterations
-    totals: defaultdict[str, float] = defaultdict(float)
-    rec: dict = {"bundle": [], "plain": []}
+    # bundle side: a bundle epoch runs from the end of the previous plain epoch to the end of the trainer's
+    # EPOCH_COMPLETED handlers; the profiler's times are split into epochs by the lengths of its lists then
+    profiler = HandlersTimeProfiler()
+    profiler.attach(trainer)
     mark: dict = {}
-    profile_handlers(trainer, totals, mark, clock)
 
-    def epoch_started(_):
-        mark.update(t0=clock(), data=0.0, step=0.0, handlers=dict(totals))
+    def start_bundle_epoch() -> None:
+        mark.update(t0=clock(), seen={k: len(v) for k, v in profiled(profiler).items()})
 
-    def iteration_completed(_):
-        mark.update(step=mark["step"] + clock() - mark["s"], in_step=False)
-
-    def epoch_completed(_):
-        handlers = {k: v - mark["handlers"].get(k, 0.0) for k, v in totals.items()}
-        rec["bundle"].append(dict(epoch=clock() - mark["t0"], data=mark["data"], step=mark["step"], handlers=handlers))
-        epoch, wait = plain_epoch(net, loader, loss_fn, opt, scaler, device, clock)
+    def epoch_completed(engine) -> None:
+        seconds = clock() - mark["t0"]
+        spent = {k: sum(v[mark["seen"].get(k, 0):]) for k, v in profiled(profiler).items()}
+        handlers = {k: s for k, s in spent.items() if isinstance(k, tuple)}
+        handlers.pop((Events.EPOCH_COMPLETED.name, epoch_completed.__qualname__), None)  # the plain epoch
+        pass_s = handlers.pop(PASS, 0.0)
+        if pass_s:
+            rec["passes"].append((engine.state.epoch, pass_s))
+        # handlers of the trainer's own events (MONAI's IterationEvents) run inside the iteration function
+        inside = sum(s for (event, _), s in handlers.items() if event not in Events.__members__)
+        rec["bundle"].append(dict(epoch=seconds - pass_s, data=spent["data"], step=spent["step"] - inside,
+                                  handlers=handlers))
+        epoch, wait = plain_epoch(net, loader, trainer.loss_function, opt, scaler, device, clock)
         rec["plain"].append(dict(epoch=epoch, data=wait, step=epoch - wait, handlers={}))
+        start_bundle_epoch()
 
-    def first(event, handler):
-        trainer.add_event_handler(event, handler)
-        trainer._event_handlers[event].insert(0, trainer._event_handlers[event].pop())
-
-    first(Events.EPOCH_STARTED, epoch_started)
-    trainer.add_event_handler(Events.GET_BATCH_STARTED, lambda _: mark.update(b=clock()))
-    first(Events.GET_BATCH_COMPLETED, lambda _: mark.update(data=mark["data"] + clock() - mark["b"]))
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: mark.update(s=clock(), in_step=True))
-    first(Events.ITERATION_COMPLETED, iteration_completed)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, epoch_completed)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, epoch_completed)  # after the config's handlers
+    start_bundle_epoch()
     trainer.run()
-    return rec, len(dataset)
+    return rec
 
 
-def report(args, device: torch.device, rec: dict, n: int) -> None:
+def report(args, device: torch.device, rec: dict) -> None:
     """Print the tables; round 0 is the warm-up of each side and is left out."""
-    b, p = rec["bundle"][1:], rec["plain"][1:]
+    b, p, n = rec["bundle"][1:], rec["plain"][1:], rec["images"]
     ratios = [x["epoch"] / y["epoch"] for x, y in zip(b, p)]
     print("\n=== training throughput: bundle (train#trainer) vs plain PyTorch loop ===")
-    print(f"data {args.dataset_dir}: {n} training images | image {args.image_size} | features {args.features} | "
-          f"batch {args.batch_size} | workers {args.num_workers} | {device} | torch threads "
-          f"{torch.get_num_threads()} | {len(b)} rounds after 1 warm-up")
+    print(f"config {' + '.join(rec['configs'])} | loss {type(rec['loss']).__name__} | data {args.dataset_dir}: "
+          f"{n} training images | image {args.image_size} | features {args.features} | batch {args.batch_size} | "
+          f"workers {args.num_workers} | {device} | torch threads {torch.get_num_threads()} | {len(b)} rounds after "
+          f"1 warm-up")
     print(f"{'':8}{'epoch s (median)':>18}{'images/s':>10}{'data-loading share':>20}   per-round epoch s")
     for side, recs in (("bundle", b), ("plain", p)):
         times = [r["epoch"] for r in recs]
@@ -200,8 +208,7 @@ def report(args, device: torch.device, rec: dict, n: int) -> None:
 
     # where the time goes, mean s/epoch; the differences as a share of the plain epoch
     mean = lambda recs, f: statistics.mean(f(r) for r in recs)  # noqa: E731
-    names = {k for r in b for k in r["handlers"]}
-    handlers = {k: mean(b, lambda r: r["handlers"].get(k, 0.0)) for k in names}
+    handlers = {k: mean(b, lambda r: r["handlers"].get(k, 0.0)) for k in {k for r in b for k in r["handlers"]}}
     parts = {
         "waiting for batches": lambda r: r["data"],
         "train step (to device, fwd, loss, bwd, step)": lambda r: r["step"],
@@ -214,9 +221,18 @@ def report(args, device: torch.device, rec: dict, n: int) -> None:
     for label, f in parts.items():
         diff = mean(b, f) - mean(p, f)
         print(f"  {label:46}{mean(b, f):8.3f}{mean(p, f):9.3f}{diff:14.3f}{diff / plain_epoch_s:10.1%}")
-    for name, sec in sorted(handlers.items(), key=lambda kv: -kv[1]):
+    for key, sec in sorted(handlers.items(), key=lambda kv: -kv[1]):
         if sec >= 1e-3:
-            print(f"    {NAMES.get(name, name):44}{sec:8.3f}{'':9}{sec:14.3f}{sec / plain_epoch_s:10.1%}")
+            label = LABELS.get(key, f"{key[1]} ({key[0]})")
+            print(f"    {label:44}{sec:8.3f}{'':9}{sec:14.3f}{sec / plain_epoch_s:10.1%}")
+
+    if rec["passes"]:  # adaptive training: the difficulty pass, out of the epochs above
+        tau, pass_s = rec["tau"], statistics.median(s for _, s in rec["passes"])
+        per_epoch = pass_s / statistics.median(r["epoch"] for r in p)
+        print(f"\ndifficulty pass at epoch {', '.join(str(e) for e, _ in rec['passes'])} (every mc_interval = {tau} "
+              f"epochs): {pass_s:.2f} s, pass/plain epoch {per_epoch:.2f} -> adaptive training, one pass every {tau} "
+              f"epochs: {1 + per_epoch / tau:.3f}x the epochs' time (target <= 1.25); bundle with the pass / plain: "
+              f"{ratio + per_epoch / tau:.3f}")
 
 
 def main() -> None:
@@ -230,8 +246,8 @@ def main() -> None:
 
             args.dataset_dir = f"{tmp}/demo"
             prepare_data(["--demo", "--output", args.dataset_dir])
-        rec, n = measure(args, device, make_clock(device), tmp)
-    report(args, device, rec, n)
+        rec = measure(args, device, make_clock(device), tmp)
+    report(args, device, rec)
 
 
 if __name__ == "__main__":

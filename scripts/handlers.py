@@ -10,11 +10,11 @@ import re
 import time
 from pathlib import Path
 
+import ignite.distributed as idist
 import monai
 import nibabel as nib
 import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointSaver
@@ -40,12 +40,6 @@ from scripts.uncertainty import (
 )
 
 __all__ = ["AtomicCheckpointSaver", "DifficultyPass", "SegmentationReport", "UncertaintyReport"]
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _ReplacingDiskSaver(DiskSaver):
@@ -216,7 +210,7 @@ class DifficultyPass:
         """Score every training image with ``network`` and update the table. Returns the pass's image and label
         ids, D, D_norm and ε (all processes' together, in dataset order) and how many images this process scored."""
         began = time.perf_counter()
-        rank, world = _rank_and_world()
+        rank, world = idist.get_rank(), idist.get_world_size()
         device = next(network.parameters()).device
         shard = list(range(rank, len(self.dataset), world))
         map_positions = set(np.random.default_rng(self.seed).permutation(len(shard))[: self.num_map_images].tolist())
@@ -243,10 +237,7 @@ class DifficultyPass:
                         maps.append({"id": rows[-1][1], "image": images[b].cpu(), "label": labels[b, 0].cpu(),
                                      **{k: v[b].float().cpu() for k, v in unc.items()}})
                     position += 1
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
+        rows = [r for part in idist.all_gather(rows) for r in part]  # every process's rows (one part without DDP)
         rows.sort()  # dataset order, whatever the sharding
         _, images, labels, d = zip(*rows)
         d = torch.tensor(d, dtype=torch.float64)
@@ -304,7 +295,7 @@ class DifficultyPass:
         mean prediction) and the ε distribution over the passes; rank 0, when a pass has run."""
         if self.output_dir is None or not (self.output_dir / "difficulty_history.csv").exists():
             return []
-        if _rank_and_world()[0] != 0:
+        if idist.get_rank() != 0:
             return []
         from scripts.figures import write_figures
 
@@ -363,14 +354,10 @@ class SegmentationReport:
             if values.ndim == 3 and values.shape[-1] == 4:  # (images, classes, [tp, fp, tn, fn])
                 values = compute_confusion_matrix_metric(column, values)
             columns[column] = values.reshape(len(values), -1).mean(1).cpu().numpy()
-        images = self._images
-        rank, world = _rank_and_world()
-        if world > 1:  # MONAI gathers the details of all processes in rank order; gather the names the same way
-            gathered = [None] * world
-            dist.all_gather_object(gathered, images)
-            images = [name for part in gathered for name in part]
-            if rank != 0:
-                return
+        # MONAI gathers the details of all processes in rank order; gather the names the same way
+        images = [name for part in idist.all_gather(self._images) for name in part]
+        if idist.get_rank() != 0:
+            return
         n = len(next(iter(columns.values())))
         if len(images) != n:
             raise RuntimeError(f"collected {len(images)} image names for {n} metric rows.")

@@ -20,9 +20,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import torch
-import torch.distributed as dist
 from monai.transforms import Compose, Randomizable
 from torch import nn
 
@@ -75,15 +75,6 @@ def _describe_data(training: Sequence[Mapping], validation: Sequence[Mapping], d
                 digest.update(os.path.relpath(Path(item[key]).resolve(), base).encode() + b"\0")
         digest.update(b"|")
     return f"{len(training)} training + {len(validation)} validation images, list sha1 {digest.hexdigest()[:12]}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 class RunIdentity:
@@ -151,12 +142,12 @@ class RunIdentity:
         """
         if resume:
             self.resume_checkpoint()
-        elif _rank() == 0:
+        elif idist.get_rank() == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             self._set_aside_previous_run()
             self.run_id = uuid.uuid4().hex[:8]
             self._write_run_file()
-        _barrier()
+        idist.barrier()
         if not resume:
             self.run_id = json.loads((self.ckpt_dir / RUN_FILE).read_text())["run_id"]
         return True
