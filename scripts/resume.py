@@ -77,6 +77,11 @@ def _describe_data(training: Sequence[Mapping], validation: Sequence[Mapping], d
     return f"{len(training)} training + {len(validation)} validation images, list sha1 {digest.hexdigest()[:12]}"
 
 
+def _peek(path: Path) -> dict:
+    # memory-mapped: the tensors are not read, only the small entries looked at (the loader reads the file later)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 class RunIdentity:
     """
     The identity of a training run: its data (training and validation lists), network, loss and the settings
@@ -190,7 +195,7 @@ class RunIdentity:
         unreadable = []
         for _, path in sorted(self._candidates(), reverse=True):
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = _peek(path)
             except pickle.UnpicklingError as e:
                 unreadable.append(f"{path.name} (holds objects that weights_only loading refuses: {e})")
                 continue
@@ -217,7 +222,7 @@ class RunIdentity:
                 found.append((float(match.group(1)), path))
             elif path.name == "checkpoint_final.pt":
                 try:  # Ignite saves the iteration, not the epoch
-                    trainer = torch.load(path, map_location="cpu", weights_only=True).get("trainer", {})
+                    trainer = _peek(path).get("trainer", {})
                     found.append((trainer["iteration"] / max(trainer["epoch_length"], 1), path))
                 except Exception:
                     found.append((-1.0, path))  # tried last, and reported as unreadable there

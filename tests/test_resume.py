@@ -118,3 +118,16 @@ def test_a_resumed_best_model_saver_keeps_the_better_model(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "model.pt", weights_only=True), best)
     engine.run([0], max_epochs=2)
     assert torch.all(torch.load(tmp_path / "model.pt", weights_only=True)["weight"] == 7.0)
+
+
+def test_resume_skips_a_checkpoint_cut_short_and_uses_the_one_before(demo, tmp_path, caplog):
+    identity = _identity(tmp_path, demo)
+    identity.run_id = "abc"
+    torch.save({"run_identity": identity.state_dict(), "trainer": {"iteration": 4, "epoch_length": 4}},
+               tmp_path / "checkpoint_epoch=1.pt")
+    data = (tmp_path / "checkpoint_epoch=1.pt").read_bytes()
+    (tmp_path / "checkpoint_epoch=2.pt").write_bytes(data[: len(data) // 2])  # a crash while writing, pre-0.5.0
+    resumed = _identity(tmp_path, demo)
+    with caplog.at_level("WARNING"):
+        assert resumed.resume_checkpoint() == str(tmp_path / "checkpoint_epoch=1.pt")
+    assert resumed.run_id == "abc" and "checkpoint_epoch=2.pt" in caplog.text

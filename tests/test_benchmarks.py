@@ -1,0 +1,58 @@
+"""
+The benchmarks run as a user runs them, at toy size: each exits 0 and prints its summary, with finite, positive
+figures. (``large_frame.py`` and ``study.py`` are run by test_inference.py and test_study.py.)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from conftest import run
+
+# the tests' tiny network at 32 px, on one thread: a few seconds each, most of it importing MONAI
+TOY = ["--image-size", "32", "--features", "4", "8", "8", "16", "16", "--threads", "1"]
+
+
+def figure(pattern: str, text: str) -> float:
+    """The number the regular expression's group captures in ``text``; it must be finite and positive."""
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match, f"no line matches {pattern!r} in:\n{text[-3000:]}"
+    value = float(match.group(1))
+    assert math.isfinite(value) and value > 0, match.group(0)
+    return value
+
+
+@pytest.mark.parametrize("overlay", [[], ["--overlay", "configs/loss/dice.yaml"]], ids=["adaptive", "dice"])
+def test_train_throughput(demo, overlay):
+    out = run("benchmarks/train_throughput.py", "--dataset-dir", str(demo), *TOY, "--batch-size", "8",
+              "--num-workers", "0", "--rounds", "1", "--max-images", "16", *overlay).stdout
+    assert f"loss {'DiceLoss' if overlay else 'AdaptivePolyDiceLoss'} |" in out
+    for side in ("bundle", "plain"):
+        figure(rf"^{side}\s+\S+\s+(\S+)\s", out)  # images/s
+    figure(r"^ratio bundle/plain epoch time: (\S+) ", out)
+    figure(r"^  epoch\s+(\S+)", out)  # the bundle's column of the per-epoch table
+    figure(r"^    train#checkpoint_saver \(every epoch\)\s+(\S+)", out)  # a handler the profiler timed
+    # the adaptive default times one difficulty pass, outside the epochs; the Dice baseline has none
+    if overlay:
+        assert "difficulty pass" not in out
+    else:
+        figure(r"^difficulty pass at epoch 2 .*: (\S+) s,", out)
+        figure(r"one pass every 10 epochs: (\S+)x", out)
+
+
+def test_mc_pass():
+    out = run("benchmarks/mc_pass.py", *TOY, "--images", "2", "--batch-size", "2", "--samples", "2",
+              "--repeats", "1").stdout
+    for row in ("fast pass", "naive pass", "training epoch"):
+        figure(rf"^\| {row} .*?\|\s+(\S+) \|", out)  # s/image
+    figure(r"^speed-up naive/fast:\s+(\S+)x", out)
+    figure(r"^fast pass / epoch:\s+(\S+) ", out)
+
+
+def test_mc_inference():
+    out = run("benchmarks/mc_inference.py", *TOY, "--images", "2", "--samples", "2", "--repeats", "1").stdout
+    figure(r"^\| plain \(1 forward\) \| (\S+) \|", out)
+    figure(r"^\| MC dropout \(N = 2, maps\) \| (\S+) \|", out)
+    figure(r"^MC / plain latency: (\S+)x", out)
