@@ -130,6 +130,7 @@ def plain_epoch(net, loader, loss_fn, opt, scaler, device, clock) -> tuple[float
 def measure(args, device: torch.device, clock, tmp: str) -> dict:
     """Run the interleaved epochs; returns the per-epoch records, the difficulty passes and the setting."""
     epochs = args.rounds + 1
+    # validation never due; the difficulty pass (adaptive training) due at the first timed epoch, not at epoch tau
     overrides = dict(
         bundle_root=str(BUNDLE_ROOT), dataset_dir=str(Path(args.dataset_dir).resolve()),
         ckpt_dir=f"{tmp}/models", output_dir=f"{tmp}/eval", device=f"$torch.device('{device}')",
@@ -177,6 +178,7 @@ def measure(args, device: torch.device, clock, tmp: str) -> dict:
         inside = sum(s for (event, _), s in handlers.items() if event not in Events.__members__)
         rec["bundle"].append(dict(epoch=seconds - pass_s, data=spent["data"], step=spent["step"] - inside,
                                   handlers=handlers))
+        # the trainer's own loss object: the adaptive one reads the eps table that the difficulty pass writes
         epoch, wait = plain_epoch(net, loader, trainer.loss_function, opt, scaler, device, clock)
         rec["plain"].append(dict(epoch=epoch, data=wait, step=epoch - wait, handlers={}))
         start_bundle_epoch()
@@ -208,7 +210,7 @@ def report(args, device: torch.device, rec: dict) -> None:
 
     # where the time goes, mean s/epoch; the differences as a share of the plain epoch
     mean = lambda recs, f: statistics.mean(f(r) for r in recs)  # noqa: E731
-    handlers = {k: mean(b, lambda r: r["handlers"].get(k, 0.0)) for k in {k for r in b for k in r["handlers"]}}
+    handlers = {k: statistics.mean(r["handlers"].get(k, 0.0) for r in b) for k in {k for r in b for k in r["handlers"]}}
     parts = {
         "waiting for batches": lambda r: r["data"],
         "train step (to device, fwd, loss, bwd, step)": lambda r: r["step"],
@@ -217,14 +219,15 @@ def report(args, device: torch.device, rec: dict) -> None:
         "epoch": lambda r: r["epoch"],
     }
     plain_epoch_s = mean(p, parts["epoch"])
-    print(f"\n{'per epoch (mean s)':48}{'bundle':>8}{'plain':>9}{'bundle-plain':>14}{'of plain':>10}")
+    shown = {LABELS.get(k, k[1]): s for k, s in sorted(handlers.items(), key=lambda kv: -kv[1])
+             if s >= 1e-3}
+    w = max(46, *(len(label) + 2 for label in shown))
+    print(f"\n{'per epoch (mean s)':{w + 2}}{'bundle':>8}{'plain':>9}{'bundle-plain':>14}{'of plain':>10}")
     for label, f in parts.items():
         diff = mean(b, f) - mean(p, f)
-        print(f"  {label:46}{mean(b, f):8.3f}{mean(p, f):9.3f}{diff:14.3f}{diff / plain_epoch_s:10.1%}")
-    for key, sec in sorted(handlers.items(), key=lambda kv: -kv[1]):
-        if sec >= 1e-3:
-            label = LABELS.get(key, f"{key[1]} ({key[0]})")
-            print(f"    {label:44}{sec:8.3f}{'':9}{sec:14.3f}{sec / plain_epoch_s:10.1%}")
+        print(f"  {label:{w}}{mean(b, f):8.3f}{mean(p, f):9.3f}{diff:14.3f}{diff / plain_epoch_s:10.1%}")
+    for label, sec in shown.items():
+        print(f"    {label:{w - 2}}{sec:8.3f}{'':9}{sec:14.3f}{sec / plain_epoch_s:10.1%}")
 
     if rec["passes"]:  # adaptive training: the difficulty pass, out of the epochs above
         tau, pass_s = rec["tau"], statistics.median(s for _, s in rec["passes"])
