@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BUNDLE_ROOT, run, trained_network
+from conftest import BUNDLE_ROOT, last_line, run, trained_network
 from monai.data import MetaTensor
 from PIL import Image
 
 INFER = ["-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml"]
 TINY_NET = ["--features", "[4,8,8,16,16]", "--num_workers", "0"]
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def _good_frames(folder: Path, demo: Path) -> list[Path]:
@@ -85,7 +80,7 @@ def mixed_run(demo, balanced, tmp_path_factory):
 def test_an_unreadable_frame_is_skipped_named_and_fails_the_run(mixed_run):
     frames, out, proc = mixed_run
     assert proc.returncode != 0, "a run that skipped a frame must not exit 0"
-    last = _last_line(proc.stderr)
+    last = last_line(proc)
     assert last.startswith("error: inference wrote 3 of 4 frames"), proc.stderr[-3000:]
     assert "bad.jpg (truncated JPEG)" in last and "Traceback" not in proc.stderr
     assert "skipping frame" in proc.stdout and "bad.jpg" in proc.stdout  # the warning, when it was found
@@ -128,7 +123,7 @@ def test_a_bad_folder_ends_in_one_sentence_before_any_work(case, tmp_path):
     proc = run(*INFER, "--input_dir", str(inputs), "--output_dir", str(out), "--ckpt_dir",
                str(tmp_path / "no_models"), "--image_size", "32", *TINY_NET, check=False)
     assert proc.returncode != 0
-    last = _last_line(proc.stderr)
+    last = last_line(proc)
     expected = {"missing input": f"error: input_dir {inputs} does not exist: pass --input_dir",
                 "no images": f"error: input_dir {inputs} holds no image file",
                 "output is a file": f"error: output_dir {out} is an existing file: pass --output_dir a folder"}[case]
