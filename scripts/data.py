@@ -394,8 +394,8 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[dict[str, 
     orphans = sorted(set(images) - set(masks))
     if orphans:
         shown = ", ".join(images[s].name for s in orphans[:5]) + (" ..." if len(orphans) > 5 else "")
-        raise ValueError(f"{len(orphans)} image(s) in {images_dir} have no mask of the same stem in {masks_dir}: "
-                         f"{shown}")
+        raise InputError(f"{len(orphans)} image(s) in {images_dir} have no mask of the same stem in {masks_dir}: "
+                         f"{shown}; add their masks or move the images out.")
     return [{"image": images[s], "label": masks[s]} for s in sorted(images)]
 
 
