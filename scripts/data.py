@@ -130,23 +130,32 @@ class _Unreadable:
         self.name, self.error = name, error
 
 
+# why a file could not be read, by the exception Pillow or tifffile raised: (types, a few words, the sentence's reason)
+_UNREADABLE = (
+    (FileNotFoundError, "missing", "it does not exist"),
+    (IsADirectoryError, "a folder", "it is a folder"),
+    (PermissionError, "permission denied", "permission to read it is denied"),
+    ((UnidentifiedImageError, tifffile.TiffFileError), "not a {kind} image",
+     "it is not an image file that Pillow or tifffile can read (is the file complete and its suffix right?)"),
+    ((OSError, SyntaxError, EOFError), "truncated or corrupt {kind}",  # "image file is truncated", "broken PNG"
+     "it is truncated or corrupt ({name}: {error})"),
+)
+
+
+def _unreadable_reason(error: Exception, short: bool = False, kind: str = "image") -> str:
+    """Why a file could not be read: a few words (``short``, e.g. ``truncated or corrupt JPEG``) or the reason
+    of :func:`_cannot_read`'s sentence."""
+    for types, words, reason in _UNREADABLE:
+        if isinstance(error, types):
+            return (words if short else reason).format(kind=kind, name=type(error).__name__, error=error)
+    return f"{type(error).__name__}: {error}"
+
+
 def _cannot_read(path, error: Exception, datalist=None) -> InputError:
     """The one-sentence error for an image file that cannot be opened or decoded, naming it (and its datalist)."""
-    if isinstance(error, FileNotFoundError):
-        reason = "it does not exist"
-    elif isinstance(error, IsADirectoryError):
-        reason = "it is a folder"
-    elif isinstance(error, PermissionError):
-        reason = "permission to read it is denied"
-    elif isinstance(error, (UnidentifiedImageError, tifffile.TiffFileError)):
-        reason = "it is not an image file that Pillow or tifffile can read (is the file complete and its suffix right?)"
-    elif isinstance(error, (OSError, SyntaxError, EOFError)):  # Pillow's "image file is truncated", "broken PNG"
-        reason = f"it is truncated or corrupt ({type(error).__name__}: {error})"
-    else:
-        reason = f"{type(error).__name__}: {error}"
     where = f" named in datalist {datalist}" if datalist is not None else ""
-    return InputError(f"cannot read image file {path}{where}: {reason}; restore or replace the file, or remove it "
-                      "from the data.")
+    return InputError(f"cannot read image file {path}{where}: {_unreadable_reason(error)}; restore or replace the "
+                      "file, or remove it from the data.")
 
 
 def _header_size(path) -> tuple[int, int]:
@@ -285,18 +294,11 @@ _SHOWN = 5  # unreadable frames named in a summary; the warnings name every one
 
 
 def _why_unreadable(path: Path, error: Exception) -> str:
-    """A few words on why ``path`` could not be read, e.g. ``truncated JPEG``, ``not an image``."""
-    kind = _FORMATS.get(path.suffix.lower(), path.suffix.lstrip(".").upper() or "image")
-    error = error.__cause__ or error  # the reader's own error (an InputError of scripts.data) wraps the library's
-    text = " ".join(str(error).replace(str(path), path.name).split())
+    """A few words on why frame ``path`` could not be read, e.g. ``truncated or corrupt JPEG``, ``empty file``."""
     if path.is_file() and path.stat().st_size == 0:
         return "empty file"
-    if "cannot identify image file" in text:
-        return f"not a {kind} image"
-    if "truncated" in text.lower():  # "image file is truncated", "Truncated File Read"
-        return f"truncated {kind}"
-    text = text if len(text) <= 80 else text[:77] + "..."
-    return f"unreadable {kind}: {type(error).__name__}" + (f": {text}" if text else "")
+    kind = _FORMATS.get(path.suffix.lower(), path.suffix.lstrip(".").upper() or "image")
+    return _unreadable_reason(error.__cause__ or error, short=True, kind=kind)  # the reader's InputError wraps it
 
 
 def _names(failures: list[tuple[Path, str]]) -> str:

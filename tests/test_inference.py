@@ -82,7 +82,7 @@ def test_an_unreadable_frame_is_skipped_named_and_fails_the_run(mixed_run):
     assert proc.returncode != 0, "a run that skipped a frame must not exit 0"
     last = last_line(proc)
     assert last.startswith("error: inference wrote 3 of 4 frames"), proc.stderr[-3000:]
-    assert "bad.jpg (truncated JPEG)" in last and "Traceback" not in proc.stderr
+    assert "bad.jpg (truncated or corrupt JPEG)" in last and "Traceback" not in proc.stderr
     assert "skipping frame" in proc.stdout and "bad.jpg" in proc.stdout  # the warning, when it was found
     assert sorted(p.name for p in out.glob("*_mask.png")) == sorted(f"{f.stem}_mask.png" for f in frames)
     assert not (out / "bad_mask.png").exists()
@@ -146,10 +146,10 @@ def test_frame_list_skips_and_names_every_unreadable_file(tmp_path, caplog):
     assert frames.scan() == [{"image": str(tmp_path / "good.jpg")}]
     assert frames.scan() == [{"image": str(tmp_path / "good.jpg")}]  # scanned once
     assert {p.name: why for p, why in frames.unreadable} == {
-        "cut.jpg": "truncated JPEG", "text.png": "not a PNG image", "empty.bmp": "empty file"}
+        "cut.jpg": "truncated or corrupt JPEG", "text.png": "not a PNG image", "empty.bmp": "empty file"}
     assert sum("skipping frame" in r.getMessage() for r in caplog.records) == 3
     with pytest.raises(InputError, match=r"^inference wrote 1 of 4 frames to OUT; 3 could not be read: "
-                                         r"cut.jpg \(truncated JPEG\), empty.bmp \(empty file\), text.png"):
+                                         r"cut.jpg \(truncated or corrupt JPEG\), empty.bmp \(empty file\), text.png"):
         frames.check_all_written("OUT")
 
     (tmp_path / "good.jpg").unlink()
