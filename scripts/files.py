@@ -59,14 +59,18 @@ class AtomicPILWriter(PILWriter):
             super().write(tmp, verbose=verbose, **kwargs)
 
 
-def check_output_dir(path: str | os.PathLike) -> bool:
-    """An :class:`InputError` when ``path`` (``--output_dir``), or a folder above it, is an existing file. Creates
-    nothing. Returns True, so that a config can run it as an ``initialize`` step."""
+def check_output_dir(path: str | os.PathLike, option: str = "--output_dir") -> bool:
+    """
+    Check, before any work, that the folder ``path`` (given by the command-line ``option``) can take the command's
+    outputs: an :class:`InputError` when it, or a folder above it, is an existing file, or when the folder it
+    is in (or would be created in) is not writable. Creates nothing. Returns True, for use as a config step.
+    """
     path = Path(path)
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                what = "is an existing file" if folder == path else f"lies under {folder}, which is a file"
-                raise InputError(f"output_dir {path} {what}: pass --output_dir a folder (it is created if missing).")
-            break
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        what = "is an existing file" if existing == path else f"lies under {existing}, which is a file"
+        raise InputError(f"{option} {path} {what}: pass {option} a folder (it is created if missing).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path} is not writable (no write permission on {existing}): pass {option} "
+                         "another folder.")
     return True

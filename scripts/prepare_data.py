@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from scripts.data import (
     write_datalist,
 )
 from scripts.errors import InputError
+from scripts.files import check_output_dir
 
 # (images, masks) sub-folders of the official releases and of this bundle's demo set, tried in order.
 KNOWN_LAYOUTS = (("images", "masks"), ("Original", "Ground Truth"), ("original", "ground truth"))
@@ -47,22 +47,10 @@ def find_layout(root: Path) -> tuple[Path, Path]:
 
 
 def check_output(output: Path) -> None:
-    """
-    Fail at once, before any pair is read, when ``datalist.json`` cannot be written into the folder ``output``:
-    ``output`` is a file, or it (or the folder it would be created in) is not writable.
-    """
-    if output.exists() and not output.is_dir():
-        raise InputError(f"--output {output} is a file; pass a folder: datalist.json is written into it.")
+    """Fail at once, before any pair is read, when ``datalist.json`` cannot be written into the folder ``output``."""
+    check_output_dir(output, "--output")
     if (output / "datalist.json").is_dir():
         raise InputError(f"{output / 'datalist.json'} is a folder; remove it or pass another --output.")
-    existing = output
-    while not existing.exists() and existing != existing.parent:  # the nearest existing folder: new ones go there
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"--output {output} cannot be created: {existing} is a file; pass another folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--output {output} is not writable (no write permission on {existing}); pass another "
-                         "folder.")
 
 
 def make_demo_dataset(output_dir: str | Path, num_images: int = 60, seed: int = 0) -> tuple[Path, Path]:

@@ -368,10 +368,10 @@ def test_prepare_data_refuses_an_output_it_cannot_write_before_reading_any_pair(
     args = ["-m", "scripts.prepare_data", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks")]
     for output, expected in (
         (tmp_path / "taken",
-         f"--output {tmp_path / 'taken'} is a file; pass a folder: datalist.json is written into it."),
+         f"--output {tmp_path / 'taken'} is an existing file: pass --output a folder (it is created if missing)."),
         (tmp_path / "taken" / "sub",
-         (f"--output {tmp_path / 'taken' / 'sub'} cannot be created: {tmp_path / 'taken'} is a file; pass another "
-          "folder.")),
+         (f"--output {tmp_path / 'taken' / 'sub'} lies under {tmp_path / 'taken'}, which is a file: pass --output a "
+          "folder (it is created if missing).")),
         (tmp_path / "out", f"cannot read image file {tmp_path / 'images' / 'a.png'}: it is not an image file"),
     ):
         proc = run(*args, "--output", str(output), check=False)
@@ -389,7 +389,7 @@ def test_prepare_data_refuses_an_unwritable_output(tmp_path):
                "--output", str(tmp_path / "locked" / "out"), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: --output {tmp_path / 'locked' / 'out'} is not writable (no write permission on "
-        f"{tmp_path / 'locked'}); pass another folder.")
+        f"{tmp_path / 'locked'}): pass --output another folder.")
 
 
 def test_prepare_data_names_masks_without_an_image(tmp_path):

@@ -126,7 +126,7 @@ def test_a_bad_folder_ends_in_one_sentence_before_any_work(case, tmp_path):
     last = last_line(proc)
     expected = {"missing input": f"error: input_dir {inputs} does not exist: pass --input_dir",
                 "no images": f"error: input_dir {inputs} holds no image file",
-                "output is a file": f"error: output_dir {out} is an existing file: pass --output_dir a folder"}[case]
+                "output is a file": f"error: --output_dir {out} is an existing file: pass --output_dir a folder"}[case]
     assert last.startswith(expected), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert out.is_file() if case == "output is a file" else not out.exists()
