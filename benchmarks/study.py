@@ -8,10 +8,11 @@ list (to choose settings) and its test list (to report), all under the study's o
     python benchmarks/study.py benchmarks/study_kvasir_cpu.yaml --output runs/study --report-only --report docs/results
 
 Runs go side by side (``--jobs``; on a GPU they share it), each in ``<output>/<split>/<method>/seed<k>/``
-(``models/``, ``train/`` with the difficulty history, ``validation/`` and ``test/`` with ``metrics.csv/json``,
-logs and ``run.json``). Started again, the study skips finished runs and resumes a run cut short from its last
-checkpoint (``--resume True``). A method with ``eps_from: <adaptive method>`` trains PolyDice-1 at the mean ε the
-adaptive run of the same split and seed ended with, so it starts when that run has finished.
+(``models/``, ``train/`` with the difficulty history, ``validation/`` and ``test/`` with the evaluation's MONAI
+``MetricsSaver`` files (``metrics.csv``, ``test_<metric>_raw.csv`` and ``_summary.csv``), logs and ``run.json``).
+Started again, the study skips finished runs and resumes a run cut short from its last checkpoint (``--resume
+True``). A method with ``eps_from: <adaptive method>`` trains PolyDice-1 at the mean ε the adaptive run of the same
+split and seed ended with, so it starts when that run has finished.
 
 The report (``--report``, default ``<output>``) is ``results.md`` and ``results.csv``: per split, the mean ± std over
 seeds of test Dice, IoU, precision and recall, the Wilcoxon signed-rank test of each method against the baseline
@@ -43,7 +44,7 @@ import numpy as np
 import yaml
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("dice", "iou", "precision", "recall")
+METRICS = ("dice", "iou", "precision", "recall")  # configs/evaluate.yaml's test_<metric>
 
 
 @dataclass
@@ -200,7 +201,7 @@ def run_study(spec: dict, runs: list[Run], output: Path, jobs: int, threads: int
                         future.result()
                         done_names.add(r.name)
                         durations.append(minutes)
-                        dice = json.loads((r.folder / "test" / "metrics.json").read_text())["dice"]["mean"]
+                        dice = read_metrics(r.folder / "test")["dice"]
                         left = statistics.fmean(durations) * (total - finished) / jobs
                         print(f"[{finished:3d}/{total}] done   {r.name} in {minutes:.1f} min, test Dice {dice:.4f}"
                               f" | elapsed {elapsed:.1f} min, about {left:.0f} min left", flush=True)
@@ -211,13 +212,22 @@ def run_study(spec: dict, runs: list[Run], output: Path, jobs: int, threads: int
 
 
 # ---------------------------------------------------------------------------------------------------- the report
+def read_metrics(folder: Path) -> dict[str, float]:
+    """The mean over images of each metric that ``evaluating`` wrote to ``folder`` (MetricsSaver's ``metrics.csv``,
+    ``test_dice,0.81`` lines), by the names of METRICS: ``{"dice": 0.81, ...}``."""
+    with open(folder / "metrics.csv", newline="") as f:
+        return {name.removeprefix("test_"): float(value) for name, value in csv.reader(f)}
+
+
 def per_image_dice(folder: Path) -> dict[str, float]:
-    with open(folder / "test" / "metrics.csv", newline="") as f:
-        return {r["image"]: float(r["dice"]) for r in csv.DictReader(f)}
+    """{image: Dice} of a run's test list (MetricsSaver's ``test/test_dice_raw.csv``; NaN where undefined)."""
+    with open(folder / "test" / "test_dice_raw.csv", newline="") as f:
+        return {r["filename"]: float(r["mean"]) for r in csv.DictReader(f)}
 
 
 def collect(spec: dict, runs: list[Run]) -> dict:
-    """{split: {method: {"runs": [...], "test": [summary...], "val_dice": [...], "images": {image: [dice...]}}}}"""
+    """{split: {method: {"seeds": [...], "test": [{metric: mean}...], "val_dice": [...], "images": {image: [dice...]},
+    ...}}}, one list item per seed"""
     results: dict = {s: {} for s in spec["splits"]}
     for r in runs:
         if not r.load_state().get("done"):
@@ -225,8 +235,8 @@ def collect(spec: dict, runs: list[Run]) -> dict:
         entry = results[r.split].setdefault(r.method, {"seeds": [], "test": [], "val_dice": [], "images": {},
                                                        "train_minutes": [], "eps": []})
         entry["seeds"].append(r.seed)
-        entry["test"].append(json.loads((r.folder / "test" / "metrics.json").read_text()))
-        entry["val_dice"].append(json.loads((r.folder / "validation" / "metrics.json").read_text())["dice"]["mean"])
+        entry["test"].append(read_metrics(r.folder / "test"))
+        entry["val_dice"].append(read_metrics(r.folder / "validation")["dice"])
         entry["train_minutes"].append(r.state["train_seconds"] / 60)
         if "eps" in r.state:
             entry["eps"].append(r.state["eps"])
@@ -270,7 +280,7 @@ def table_rows(spec: dict, results: dict) -> list[dict]:
             entry = methods[method]
             row = {"split": split, "method": name, "label": label, "seeds": len(entry["seeds"])}
             for metric in METRICS:
-                values = [t[metric]["mean"] for t in entry["test"]]
+                values = [t[metric] for t in entry["test"]]
                 row[f"{metric}_mean"] = statistics.fmean(values)
                 row[f"{metric}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
             row["val_dice_mean"] = statistics.fmean(entry["val_dice"])

@@ -2,6 +2,11 @@
 """
 Image difficulty from mutual information, its normalisation over a pass, the map to the loss parameter ε
 (method.md §3), and the table that holds each training image's ε between passes.
+
+A difficulty pass (:class:`scripts.handlers.DifficultyPass`) combines three objects of this module, each its own
+config id in ``configs/train.yaml``: a scorer (``difficulty#scorer``: dropout samples and masks of a batch in, one
+D per image out), the ε map (``difficulty#eps_map``: the D of every image of the pass in, ε out) and the table
+(``epsilon_table``: ε by image id, which the loss reads).
 """
 
 from __future__ import annotations
@@ -11,14 +16,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from monai.metrics import compute_dice
 
+from scripts.errors import InputError, check_choice, check_int, check_number
+from scripts.uncertainty import uncertainty_maps
+
 __all__ = [
-    "EMPTY_RULES", "SIGNALS", "ASSIGNMENTS", "image_difficulty", "dice_error", "normalise_difficulty",
-    "epsilon_from_difficulty", "EpsilonTable",
+    "EMPTY_RULES", "ASSIGNMENTS", "image_difficulty", "dice_error", "normalise_difficulty", "epsilon_from_difficulty",
+    "MutualInformationDifficulty", "DiceErrorDifficulty", "EpsilonMap", "EpsilonTable",
 ]
 
 EMPTY_RULES = ("zero", "image_mean")
-# the difficulty signal of a pass: the method's mutual information, or a control of method.md §7
-SIGNALS = ("mutual_information", "dice_error")
 # how the pass's ε values go to images: by difficulty (the method), or shuffled across images (a control)
 ASSIGNMENTS = ("ranked", "shuffled")
 
@@ -93,12 +99,86 @@ def normalise_difficulty(d: torch.Tensor, percentile: float = 25.0, delta: float
 
 
 def epsilon_from_difficulty(
-    d_norm: torch.Tensor, eps_min: float = 0.0, eps_max: float = 0.5, sensitivity: float = 2.0
+    d_norm: torch.Tensor, eps_min: float = 0.0, eps_max: float = 0.5, slope: float = 2.0
 ) -> torch.Tensor:
-    """``ε = ε_min + (ε_max − ε_min) · sigmoid(k · D_norm)``, with k the sensitivity: hard images get a larger ε."""
+    """``ε = ε_min + (ε_max − ε_min) · sigmoid(k · D_norm)``, with k the slope: hard images get a larger ε."""
     if eps_max < eps_min:
         raise ValueError(f"eps_max ({eps_max}) must be >= eps_min ({eps_min}).")
-    return eps_min + (eps_max - eps_min) * torch.sigmoid(sensitivity * d_norm)
+    return eps_min + (eps_max - eps_min) * torch.sigmoid(slope * d_norm)
+
+
+class MutualInformationDifficulty:
+    """
+    The method's difficulty scorer (method.md §3): the mutual information of N dropout samples, averaged over each
+    image's ground-truth foreground (:func:`image_difficulty`).
+
+    Args:
+        empty: D of an image whose mask is empty, ``"zero"`` or ``"image_mean"`` (the mean over the whole image).
+
+    Call with ``samples`` (N, B, *spatial) foreground probabilities and ``mask`` (B, *spatial) or (B, 1, *spatial);
+    returns (B,) float.
+    """
+
+    def __init__(self, empty: str = "zero") -> None:
+        self.empty = check_choice(empty, "MutualInformationDifficulty empty", EMPTY_RULES)
+
+    def __call__(self, samples: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return image_difficulty(uncertainty_maps(samples)["mutual_information"], mask, self.empty)
+
+
+class DiceErrorDifficulty:
+    """
+    A control of method.md §7 in place of :class:`MutualInformationDifficulty`: D is 1 − Dice of the thresholded
+    mean of the samples against the mask (:func:`dice_error`), an error signal with no uncertainty in it.
+
+    Call with ``samples`` (N, B, *spatial) and ``mask`` (B, *spatial) or (B, 1, *spatial); returns (B,) float.
+    """
+
+    def __call__(self, samples: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return dice_error(samples.float().mean(0), mask)
+
+
+class EpsilonMap:
+    """
+    The map from the difficulties of one pass to the images' ε (method.md §3):
+    ``D_norm = (D − D_p) / (σ_D + δ)`` (:func:`normalise_difficulty`), then
+    ``ε = ε_min + (ε_max − ε_min) · sigmoid(k · D_norm)`` (:func:`epsilon_from_difficulty`).
+
+    Args:
+        eps_min, eps_max: the range of ε, ``eps_min <= eps_max``.
+        slope: k, how sharply ε rises with the normalised difficulty (>= 0).
+        percentile: p of the reference difficulty D_p, in [0, 100].
+        delta: δ, which keeps the normalisation finite when every D is the same.
+        assignment: ``"ranked"`` (the method: each image's ε from its own D) or ``"shuffled"`` (control of
+            method.md §7: the same ε values handed to the images in a random order, seeded by ``seed`` and the
+            epoch, the same in every process).
+        seed: seed of the shuffled assignment.
+
+    Call with ``d`` (M,), the difficulties of every image of the pass, and the epoch; returns ε, (M,) float64.
+    """
+
+    def __init__(self, eps_min: float = 0.0, eps_max: float = 0.5, slope: float = 2.0, percentile: float = 25.0,
+                 delta: float = 1e-9, assignment: str = "ranked", seed: int = 0) -> None:
+        self.eps_min = check_number(eps_min, "EpsilonMap eps_min (--eps_min)", low=-0.5)
+        self.eps_max = check_number(eps_max, "EpsilonMap eps_max (--eps_max)", low=-0.5)
+        if self.eps_min > self.eps_max:
+            raise InputError(f"--eps_min ({eps_min}) must not exceed --eps_max ({eps_max}).")
+        self.slope = check_number(slope, "EpsilonMap slope", low=0.0)
+        self.percentile = check_number(percentile, "EpsilonMap percentile", 0.0, 100.0)
+        self.delta = check_number(delta, "EpsilonMap delta", low=0.0)
+        self.assignment = check_choice(assignment, "EpsilonMap assignment", ASSIGNMENTS)
+        self.seed = check_int(seed, "EpsilonMap seed")
+
+    def normalise(self, d: torch.Tensor) -> torch.Tensor:
+        """D_norm of every image of the pass, (M,) float64."""
+        return normalise_difficulty(d, self.percentile, self.delta)
+
+    def __call__(self, d: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        eps = epsilon_from_difficulty(self.normalise(d), self.eps_min, self.eps_max, self.slope)
+        if self.assignment == "shuffled":
+            generator = torch.Generator().manual_seed(self.seed + 100_003 * epoch)
+            eps = eps[torch.randperm(len(eps), generator=generator)]
+        return eps
 
 
 class EpsilonTable:
@@ -113,7 +193,7 @@ class EpsilonTable:
     """
 
     def __init__(self, default: float = 0.0) -> None:
-        self.default = float(default)
+        self.default = check_number(default, "EpsilonTable default (--eps_initial)", low=-0.5)
         self.values: dict[str, float] = {}
         self.num_passes = 0
 

@@ -10,10 +10,12 @@ every ``initialize`` in ``configs/``) makes a command that dies of one end with 
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
+from collections.abc import Collection
 
-__all__ = ["InputError", "user_message", "install_excepthook"]
+__all__ = ["InputError", "user_message", "install_excepthook", "is_int", "check_int", "check_number", "check_choice"]
 
 TRACEBACK_VARIABLE = "BUNDLE_TRACEBACK"  # set to 1 to see the full traceback under the message
 
@@ -23,6 +25,32 @@ class InputError(ValueError):
     Bad input a user can fix: a file, a folder or a config value. The message is one sentence that names the
     file or id, says what is wrong and what to do.
     """
+
+
+def is_int(value, low: int = 0) -> bool:
+    """Whether ``value`` is an integer (a bool is not) of at least ``low``: the check of every count and size."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+def check_int(value, name: str, low: int = 0) -> int:
+    """``value`` if it is an integer >= ``low``; otherwise an :class:`InputError` naming ``name``."""
+    if not is_int(value, low):
+        raise InputError(f"{name} must be an integer >= {low}, got {value!r} ({type(value).__name__}).")
+    return int(value)
+
+
+def check_number(value, name: str, low: float = -float("inf"), high: float = float("inf")) -> float:
+    """``value`` as a float if it is a real number in [``low``, ``high``]; otherwise an :class:`InputError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+        raise InputError(f"{name} must be a number in [{low}, {high}], got {value!r} ({type(value).__name__}).")
+    return float(value)
+
+
+def check_choice(value, name: str, choices: Collection) -> str:
+    """``value`` if it is one of ``choices``; otherwise an :class:`InputError` listing them."""
+    if value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}.")
+    return value
 
 
 def user_message(error: BaseException) -> str | None:

@@ -4,10 +4,12 @@ Figures of the uncertainty-adaptive training (method.md §3-4), drawn from what 
 the run's ``output_dir``:
 
 - ``difficulty_history.csv``: one row per image per pass, columns ``pass, epoch, image, label, D, D_norm, eps,
-  seconds``;
+  dice_error, seconds``;
 - ``mc_maps/pass_{k:03d}.npz``: for a fixed subset of K images, ``ids`` (K,) str, ``epoch`` scalar,
   ``image`` (K, 3, H, W) in [0, 1], ``label`` (K, H, W) 0/1 and the (K, H, W) maps ``mean``, ``variance``,
   ``entropy``, ``mutual_information``. Spatial axes are in MONAI/PIL order (axis 0 is the frame's width).
+- ``label_audit.csv`` and ``mc_maps/label_audit.npz``: the label audit of :mod:`scripts.audit`, the second with
+  the layout above for its most suspect images.
 
 Drawn with ``matplotlib.figure.Figure`` on the Agg canvas, not pyplot, so importing this module changes no
 global matplotlib state (backend, open figures) of whoever else uses matplotlib in the process.
@@ -28,7 +30,8 @@ from matplotlib.figure import Figure
 
 from scripts.files import atomic_path
 
-__all__ = ["plot_uncertainty_evolution", "plot_epsilon_distribution", "choose_images", "write_figures", "colour_map"]
+__all__ = ["plot_uncertainty_evolution", "plot_epsilon_distribution", "plot_label_audit", "choose_images",
+           "write_figures", "colour_map"]
 
 # (npz key, column title, colour map, colour range): fixed ranges so that rows (passes) are comparable.
 _MAPS = (
@@ -193,6 +196,45 @@ def plot_epsilon_distribution(history_csv: str | Path, out_png: str | Path) -> P
     ax_d.set_xlim(min(epochs) - width, max(epochs) + width)
     n_images = len({r["image"] for r in rows})
     fig.suptitle(f"ε and difficulty over {len(passes)} MC pass(es), {n_images} images")
+    return _save(fig, out_png)
+
+
+def plot_label_audit(map_file: str | Path, audit_csv: str | Path, out_png: str | Path) -> Path:
+    """
+    The label-audit sheet for an annotator: one row per image of ``map_file`` (``mc_maps/label_audit.npz``), most
+    suspect first, with the frame, its label, the mean prediction (each outlined on the frame) and the mutual
+    information; the row title gives the rank, suspicion, 1 − Dice and D of ``audit_csv``. Returns ``out_png``.
+    """
+    from scripts.audit import read_label_audit
+
+    rows = {r["label"]: r for r in read_label_audit(audit_csv)}
+    with np.load(map_file, allow_pickle=False) as data:
+        ids = [str(i) for i in data["ids"]]
+        panels = [(rows.get(i), _display(np.clip(data["image"][k], 0, 1)), _display(data["label"][k]),
+                   _display(data["mean"][k]), _display(data["mutual_information"][k])) for k, i in enumerate(ids)]
+    panels.sort(key=lambda p: p[0]["rank"] if p[0] else float("inf"))
+    height, width = panels[0][1].shape[:2]
+    scale = 2.2 / max(height, width)
+    fig = Figure(figsize=(4 * width * scale + 0.6, len(panels) * (height * scale + 0.3) + 0.8), layout="constrained")
+    axes = np.asarray(fig.subplots(len(panels), 4, squeeze=False))
+    _, _, cmap, (vmin, vmax) = _MAPS[3]
+    for r, (row, frame, label, mean, mi) in enumerate(panels):
+        for c, (picture, outline, colour) in enumerate(((frame, None, None), (frame, label, "lime"),
+                                                        (frame, mean, "red"))):
+            axes[r, c].imshow(picture)
+            if outline is not None and outline.min() < 0.5 < outline.max():
+                axes[r, c].contour(outline, levels=[0.5], colors=colour, linewidths=1.0)
+        im = axes[r, 3].imshow(mi, cmap=cmap, vmin=vmin, vmax=vmax)
+        title = (f"#{row['rank']} {Path(row['image']).name}: suspicion {row['suspicion']:.2f}, "
+                 f"1 − Dice {row['dice_error']:.2f}, D {row['D']:.3g}" if row else "not in the audit table")
+        axes[r, 0].set_title(title, fontsize=8, loc="left")
+    fig.colorbar(im, ax=list(axes[:, 3]), location="bottom", shrink=0.9)
+    for c, title in enumerate(("frame", "label (green)", "mean prediction (red)", "mutual information (nats)")):
+        axes[-1, c].set_xlabel(title, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("labels to review first: the model is sure, and far from the label", fontsize=10)
     return _save(fig, out_png)
 
 

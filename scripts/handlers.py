@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,29 +19,18 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointSaver, ConfusionMatrix, MetricsSaver
 from monai.metrics import compute_confusion_matrix_metric
 from PIL import Image
 
-from scripts.difficulty import (
-    ASSIGNMENTS,
-    EMPTY_RULES,
-    SIGNALS,
-    EpsilonTable,
-    dice_error,
-    epsilon_from_difficulty,
-    image_difficulty,
-    normalise_difficulty,
-)
+from scripts.audit import label_suspicion, write_label_audit
+from scripts.difficulty import dice_error
+from scripts.errors import check_int
 from scripts.files import atomic_path, atomic_write
-from scripts.settings import is_int
-from scripts.uncertainty import (
-    check_chunk_size,
-    mc_foreground_samples,
-    uncertainty_maps,
-)
+from scripts.uncertainty import check_chunk_size, mc_foreground_samples, uncertainty_maps
 
-__all__ = ["AtomicCheckpointSaver", "DifficultyPass", "SegmentationReport", "UncertaintyReport"]
+__all__ = ["AtomicCheckpointSaver", "DifficultyPass", "DifficultyHistory", "PerImageConfusionMatrix",
+           "AtomicMetricsSaver", "UncertaintyReport"]
 
 
 class _ReplacingDiskSaver(DiskSaver):
@@ -106,94 +97,40 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 class DifficultyPass:
     """
-    The Monte Carlo dropout difficulty pass of method.md §3-4, as an Ignite handler on the trainer.
+    The Monte Carlo dropout difficulty pass of method.md §3-4, an Ignite handler on the trainer.
 
-    At the start of epoch e (counted from 1) with e >= ``start`` and (e - ``start``) mod ``interval`` = 0, the
-    trainer's network, frozen, makes ``num_samples`` dropout samples of every training image (only dropout
-    stochastic, BatchNorm in eval mode, no gradients; encoder once, decoder N times). From the samples' mutual
-    information it scores each image's difficulty D (mean MI over the ground-truth foreground), normalises D over
-    all images of the pass, ``D_norm = (D - D_p) / (σ_D + δ)``, maps it to
-    ``ε = ε_min + (ε_max - ε_min) sigmoid(k D_norm)`` and writes ε to ``table``, which the loss reads until the
-    next pass. The pass runs inside ``torch.random.fork_rng`` with its own seed (``seed``, epoch and rank), so the
-    training's random stream, and with it every batch and augmentation, is the same as without the pass.
+    At the start of epoch e (from 1) with e >= ``start`` and (e − ``start``) mod ``interval`` = 0, the trainer's
+    network, frozen, makes ``num_samples`` dropout samples of every image of ``dataset`` (:func:`mc_foreground_samples`:
+    only dropout stochastic, BatchNorm in eval mode, no gradients). ``scorer`` turns each batch's samples and masks
+    into one difficulty D per image, ``eps_map`` turns the D of all images into ε, and ``table``, which the loss
+    reads, takes the new values. The label audit's evidence, 1 − Dice of the mean prediction against the label
+    (:func:`dice_error`), comes from the same samples. Sampling runs inside ``torch.random.fork_rng`` with a seed of
+    its own (``seed``, the epoch and the rank), so the training's random stream, and with it every batch and
+    augmentation, is the same as without the pass.
 
-    Two controls of method.md §7 replace parts of this: ``signal="dice_error"`` scores D as 1 − Dice of the mean
-    prediction instead of the mutual information, and ``assignment="shuffled"`` hands the pass's ε values to the
-    images in a random order (the same values, the same level, no relation to the image's difficulty).
-
-    Under ``torch.distributed`` each process scores every ``world_size``-th image from its rank on and the
-    scores are gathered before the normalisation, so every process ends with the same table.
-
-    Each pass adds one row per image to ``output_dir/difficulty_history.csv`` (``pass, epoch, image, label,
-    D, D_norm, eps, seconds``, the last the pass's wall time; rows of that pass number or later, left by a crashed
-    or older run, are replaced), saves the uncertainty maps of ``num_map_images`` fixed images to
-    ``output_dir/mc_maps/pass_NNN.npz``, logs a one-line summary and, with a ``summary_writer``, TensorBoard
-    scalars and histograms. When training completes it draws the figures of ``scripts.figures``.
+    Under ``torch.distributed`` each process scores every ``world_size``-th image from its rank on and the scores
+    are gathered (``ignite.distributed``), so every process ends with the same table. ``history`` (rank 0) is
+    handed each pass's result and, for the figures, the maps of ``num_map_images`` fixed images and of the
+    ``num_audit_images`` most suspect labels (sampled again: a few images, not the whole set).
 
     Args:
-        dataset: the training images and labels with deterministic preprocessing only (no augmentation).
-        table: the ε table the loss reads.
-        start: E₀, the first epoch a pass may run at.
-        interval: τ, the number of epochs between passes.
-        num_samples: N, dropout samples per image.
-        percentile, delta: of the normalisation.
-        eps_min, eps_max, sensitivity: of the map from D_norm to ε (k = sensitivity).
-        empty: D of an image with an empty mask, ``"zero"`` or ``"image_mean"``.
-        signal: ``"mutual_information"`` (the method) or ``"dice_error"`` (control: 1 − Dice of the mean prediction).
-        assignment: ``"ranked"`` (the method: ε from the image's own D) or ``"shuffled"`` (control: the pass's
-            ε values permuted across images, with a seed of ``seed`` and the epoch, the same in every process).
-        batch_size, num_workers: of the pass's data loader.
-        chunk_size: at most this many (sample, image) pairs per decoder call, which bounds memory; ``"auto"``:
-            :func:`scripts.uncertainty.auto_chunk_size`.
-        output_dir: where history, maps and figures go (rank 0 only); None writes nothing.
-        num_map_images: how many fixed training images get their maps saved at every pass.
-        seed: seed of the pass's dropout masks.
-        summary_writer: a TensorBoard ``SummaryWriter``, or None.
+        dataset: the training images and labels, deterministic preprocessing only.
+        scorer, eps_map, table: of :mod:`scripts.difficulty`.
+        start, interval: E₀ and τ of the schedule. num_samples: N (>= 2).
+        batch_size, num_workers: of the pass's loader. chunk_size: see :func:`mc_foreground_samples`.
+        seed: of the dropout masks and of the fixed map images. history: a :class:`DifficultyHistory`, or None.
     """
 
-    def __init__(
-        self,
-        dataset,
-        table: EpsilonTable,
-        start: int = 0,
-        interval: int = 10,
-        num_samples: int = 10,
-        percentile: float = 25.0,
-        eps_min: float = 0.0,
-        eps_max: float = 0.5,
-        sensitivity: float = 2.0,
-        empty: str = "zero",
-        signal: str = "mutual_information",
-        assignment: str = "ranked",
-        delta: float = 1e-9,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        chunk_size: int | str = "auto",
-        output_dir: str | Path | None = None,
-        num_map_images: int = 8,
-        seed: int = 0,
-        summary_writer=None,
-    ) -> None:
-        for name, value, low in (("start", start, 0), ("interval", interval, 1), ("num_samples", num_samples, 2),
-                                 ("batch_size", batch_size, 1)):
-            if not is_int(value, low):
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-        for name, value, allowed in (("empty", empty, EMPTY_RULES), ("signal", signal, SIGNALS),
-                                     ("assignment", assignment, ASSIGNMENTS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
-        if not eps_min <= eps_max:
-            raise ValueError(f"eps_min ({eps_min}) must be <= eps_max ({eps_max}).")
-        self.dataset, self.table = dataset, table
-        self.start, self.interval, self.num_samples = start, interval, num_samples
-        self.percentile, self.delta, self.empty = float(percentile), float(delta), empty
-        self.signal, self.assignment = signal, assignment
-        self.eps_min, self.eps_max, self.sensitivity = float(eps_min), float(eps_max), float(sensitivity)
-        check_chunk_size(chunk_size)
-        self.batch_size, self.num_workers, self.chunk_size = batch_size, num_workers, chunk_size
-        self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.num_map_images, self.seed, self.writer = num_map_images, seed, summary_writer
-        self.logger = logging.getLogger(__name__)
+    def __init__(self, dataset, scorer, eps_map, table, start: int = 0, interval: int = 10, num_samples: int = 10,
+                 batch_size: int = 8, num_workers: int = 0, chunk_size: int | str = "auto", seed: int = 0,
+                 history: DifficultyHistory | None = None, num_map_images: int = 8, num_audit_images: int = 8) -> None:
+        self.dataset, self.scorer, self.eps_map, self.table, self.history = dataset, scorer, eps_map, table, history
+        self.start = check_int(start, "DifficultyPass start (--mc_start)")
+        self.interval = check_int(interval, "DifficultyPass interval (--mc_interval)", 1)
+        self.num_samples = check_int(num_samples, "DifficultyPass num_samples (--mc_samples)", 2)
+        self.batch_size, self.num_workers = check_int(batch_size, "batch_size", 1), num_workers
+        self.chunk_size, self.seed = check_chunk_size(chunk_size), seed
+        self.num_map_images, self.num_audit_images = num_map_images, num_audit_images
 
     def is_due(self, epoch: int) -> bool:
         """Algorithm 1's schedule (``Events.EPOCH_STARTED(every=τ)`` would never fire at epoch 1)."""
@@ -201,103 +138,138 @@ class DifficultyPass:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED(event_filter=lambda _, epoch: self.is_due(epoch)), self)
-        engine.add_event_handler(Events.COMPLETED, self.write_figures)
+        if self.history is not None:
+            self.history.attach(engine)
 
     def __call__(self, engine: Engine) -> None:
         self.run_pass(engine.network, engine.state.epoch)
 
     def run_pass(self, network: torch.nn.Module, epoch: int) -> dict:
-        """Score every training image with ``network`` and update the table. Returns the pass's image and label
-        ids, D, D_norm and ε (all processes' together, in dataset order) and how many images this process scored."""
+        """Score every image with ``network``, update the table and hand the result to the history; returns it."""
         began = time.perf_counter()
-        rank, world = idist.get_rank(), idist.get_world_size()
-        device = next(network.parameters()).device
-        shard = list(range(rank, len(self.dataset), world))
-        map_positions = set(np.random.default_rng(self.seed).permutation(len(shard))[: self.num_map_images].tolist())
-        rows, maps = [], []
-        cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(self.seed + 100_003 * epoch + rank)
-            loader = monai.data.DataLoader(torch.utils.data.Subset(self.dataset, shard), batch_size=self.batch_size,
-                                           shuffle=False, num_workers=self.num_workers)
-            position = 0
-            for batch in loader:
-                images = batch["image"].as_tensor().to(device)
-                labels = batch["label"].as_tensor().to(device)
-                samples = mc_foreground_samples(network, images, self.num_samples, self.chunk_size)
-                unc = uncertainty_maps(samples)
-                if self.signal == "dice_error":
-                    d = dice_error(unc["mean"], labels).cpu()
-                else:
-                    d = image_difficulty(unc["mutual_information"], labels, self.empty).cpu()
-                for b in range(len(images)):
-                    rows.append((shard[position], str(batch["image"].meta["filename_or_obj"][b]),
-                                 str(batch["label"].meta["filename_or_obj"][b]), float(d[b])))
-                    if position in map_positions:
-                        maps.append({"id": rows[-1][1], "image": images[b].cpu(), "label": labels[b, 0].cpu(),
-                                     **{k: v[b].float().cpu() for k, v in unc.items()}})
-                    position += 1
-        rows = [r for part in idist.all_gather(rows) for r in part]  # every process's rows (one part without DDP)
-        rows.sort()  # dataset order, whatever the sharding
-        _, images, labels, d = zip(*rows)
-        d = torch.tensor(d, dtype=torch.float64)
-        d_norm = normalise_difficulty(d, self.percentile, self.delta)
-        eps = epsilon_from_difficulty(d_norm, self.eps_min, self.eps_max, self.sensitivity)
-        if self.assignment == "shuffled":
-            generator = torch.Generator().manual_seed(self.seed + 100_003 * epoch)
-            eps = eps[torch.randperm(len(eps), generator=generator)]
-        self.table.update(labels, eps)
-        seconds = time.perf_counter() - began
-        self.logger.info(
-            f"difficulty pass {self.table.num_passes} at epoch {epoch}: {len(d)} images in {seconds:.1f} s; "
-            f"D min/median/max {d.min():.4g}/{d.median():.4g}/{d.max():.4g}; "
-            f"eps min/median/max {eps.min():.3f}/{eps.median():.3f}/{eps.max():.3f}"
-        )
-        if rank == 0:
-            self._record(epoch, images, labels, d, d_norm, eps, maps, seconds)
-        return {"images": list(images), "labels": list(labels), "D": d, "D_norm": d_norm, "eps": eps,
-                "scored_here": len(shard)}
+        result = self.score(network, epoch)
+        result.update(D_norm=self.eps_map.normalise(result["D"]), eps=self.eps_map(result["D"], epoch))
+        self.table.update(result["labels"], result["eps"])
+        result.update(epoch=epoch, pass_number=self.table.num_passes, seconds=time.perf_counter() - began)
+        d, eps = result["D"], result["eps"]
+        logging.getLogger(__name__).info(
+            f"difficulty pass {self.table.num_passes} at epoch {epoch}: {len(d)} images in {result['seconds']:.1f} s;"
+            f" D min/median/max {d.min():.4g}/{d.median():.4g}/{d.max():.4g};"
+            f" eps min/median/max {eps.min():.3f}/{eps.median():.3f}/{eps.max():.3f}")
+        if self.history is not None and idist.get_rank() == 0:
+            fixed = np.random.default_rng(self.seed).permutation(len(self.dataset))[: self.num_map_images]
+            suspects = result["suspicion"].argsort(descending=True, stable=True)[: self.num_audit_images]
+            self.history.write(result, self.maps(network, fixed.tolist(), epoch),
+                               self.maps(network, suspects.tolist(), epoch))
+        return result
 
-    def _record(self, epoch, images, labels, d, d_norm, eps, maps, seconds) -> None:
-        k = self.table.num_passes
+    def score(self, network: torch.nn.Module, epoch: int) -> dict:
+        """Image and label ids, D, 1 − Dice and label suspicion of every image (all processes', dataset order)."""
+        rank, world = idist.get_rank(), idist.get_world_size()
+        rows = []
+        for batch, samples in self._sample(network, range(rank, len(self.dataset), world), epoch):
+            labels = batch["label"].as_tensor()
+            d, error = self.scorer(samples, labels).tolist(), dice_error(samples.mean(0), labels).tolist()
+            rows += zip(batch["index"].tolist(), batch["image"].meta["filename_or_obj"],
+                        batch["label"].meta["filename_or_obj"], d, error)
+        rows = sorted(r for part in idist.all_gather(rows) for r in part)  # one part without torch.distributed
+        _, images, labels, d, error = zip(*rows)
+        d, error = torch.tensor(d, dtype=torch.float64), torch.tensor(error, dtype=torch.float64)
+        return {"images": [str(i) for i in images], "labels": [str(i) for i in labels], "D": d,
+                "dice_error": error, "suspicion": label_suspicion(d, error),
+                "scored_here": len(range(rank, len(self.dataset), world))}
+
+    def maps(self, network: torch.nn.Module, indices: list[int], epoch: int) -> dict[str, np.ndarray]:
+        """The images, labels and uncertainty maps of the images at ``indices`` (of :func:`uncertainty_maps`)."""
+        parts = [{"image": batch["image"].as_tensor(), "label": batch["label"].as_tensor()[:, 0],
+                  **uncertainty_maps(samples), "ids": batch["label"].meta["filename_or_obj"]}
+                 for batch, samples in self._sample(network, indices, epoch)]
+        if not parts:
+            return {}
+        arrays = {k: torch.cat([p[k] for p in parts]).float().cpu().numpy() for k in parts[0] if k != "ids"}
+        return {"ids": np.array([str(i) for p in parts for i in p["ids"]]), **arrays}
+
+    def _sample(self, network, indices, epoch):
+        """Batches of the images at ``indices`` with their (N, B, H, W) samples, drawn from the pass's own seed."""
+        device = next(network.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed + 100_003 * epoch + idist.get_rank())
+            loader = monai.data.DataLoader(_Indexed(self.dataset, list(indices)), batch_size=self.batch_size,
+                                           num_workers=self.num_workers)  # it draws a seed: inside the fork
+            for batch in loader:
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                yield batch, mc_foreground_samples(network, batch["image"].as_tensor(), self.num_samples,
+                                                   self.chunk_size)
+
+class _Indexed(torch.utils.data.Dataset):
+    """The items of ``dataset`` at ``indices``, each with its ``index`` in ``dataset``."""
+
+    def __init__(self, dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[self.indices[i]], "index": self.indices[i]}
+
+
+class DifficultyHistory:
+    """
+    What the difficulty pass leaves for people to look at, in ``output_dir`` (rank 0; every file written whole,
+    then renamed, :mod:`scripts.files`):
+
+    - ``difficulty_history.csv``: one row per image per pass, ``pass, epoch, image, label, D, D_norm, eps,
+      dice_error, seconds`` (the last the pass's wall time). Rows of this pass number or later, left by a crashed
+      or older run, are replaced.
+    - ``mc_maps/pass_NNN.npz``: the image, label and uncertainty maps of a fixed set of images (the layout of
+      :mod:`scripts.figures`); ``mc_maps/label_audit.npz``: the same for the most suspect labels of the last pass.
+    - ``label_audit.csv``: the training images ranked by the evidence of a wrong label (:mod:`scripts.audit`).
+    - TensorBoard histograms and medians of D and ε, with a ``summary_writer``.
+    - When training completes, ``figures/``: the uncertainty evolution of the easiest and hardest mapped image, the
+      ε distribution over the passes and the label-audit sheet.
+    """
+
+    def __init__(self, output_dir: str | Path, summary_writer=None) -> None:
+        self.output_dir = Path(output_dir)
+        self.writer = summary_writer
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self.write_figures)
+
+    def write(self, result: dict, maps: dict[str, np.ndarray], suspect_maps: dict[str, np.ndarray]) -> None:
+        """Record one pass's ``result`` (of :meth:`DifficultyPass.run_pass`) and the maps of its images."""
+        k, epoch = result["pass_number"], result["epoch"]
         if self.writer is not None:
-            for name, values in (("D", d), ("eps", eps)):
-                self.writer.add_histogram(f"difficulty_pass/{name}", values, epoch)
-                self.writer.add_scalar(f"difficulty_pass/{name}_median", float(values.median()), epoch)
-            self.writer.add_scalar("difficulty_pass/seconds", seconds, epoch)
+            for name in ("D", "eps"):
+                self.writer.add_histogram(f"difficulty_pass/{name}", result[name], epoch)
+                self.writer.add_scalar(f"difficulty_pass/{name}_median", float(result[name].median()), epoch)
+            self.writer.add_scalar("difficulty_pass/seconds", result["seconds"], epoch)
             self.writer.flush()
-        if self.output_dir is None:
-            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         history = self.output_dir / "difficulty_history.csv"
-        # rows of this pass or later come from a run that crashed after them, or from an older run: drop them
-        kept = []
+        kept = []  # rows of this pass or later come from a run that crashed after them, or from an older run
         if history.exists():
             with open(history, newline="") as f:
-                kept = [r for r in csv.reader(f)][1:]
-            kept = [r for r in kept if int(r[0]) < k]
+                kept = [r for r in list(csv.reader(f))[1:] if int(r[0]) < k]
+        columns = ("D", "D_norm", "eps", "dice_error")
         with atomic_write(history, newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["pass", "epoch", "image", "label", "D", "D_norm", "eps", "seconds"])
+            writer.writerow(["pass", "epoch", "image", "label", *columns, "seconds"])
             writer.writerows(kept)
-            for row in zip(images, labels, d.tolist(), d_norm.tolist(), eps.tolist()):
-                writer.writerow([k, epoch, row[0], row[1], f"{row[2]:.6g}", f"{row[3]:.6g}", f"{row[4]:.6g}",
-                                 f"{seconds:.3f}"])
+            for i, (image, label) in enumerate(zip(result["images"], result["labels"])):
+                writer.writerow([k, epoch, image, label, *(f"{float(result[c][i]):.6g}" for c in columns),
+                                 f"{result['seconds']:.3f}"])
         if maps:
             with atomic_path(self.output_dir / "mc_maps" / f"pass_{k:03d}.npz") as tmp:
-                np.savez_compressed(
-                    tmp, ids=np.array([m["id"] for m in maps]), epoch=epoch,
-                    **{key: torch.stack([m[key] for m in maps]).numpy().astype(np.float32)
-                       for key in ("image", "label", "mean", "variance", "entropy", "mutual_information")})
+                np.savez_compressed(tmp, epoch=epoch, **maps)
+        write_label_audit(self.output_dir, result, suspect_maps)
 
     def write_figures(self, engine: Engine | None = None) -> list[Path]:
-        """The uncertainty-evolution grids of the easiest and hardest mapped image (by the Dice of their last
-        mean prediction) and the ε distribution over the passes; rank 0, when a pass has run."""
-        if self.output_dir is None or not (self.output_dir / "difficulty_history.csv").exists():
+        """The figures of :mod:`scripts.figures` and the label-audit sheet; rank 0, once a pass has run."""
+        if idist.get_rank() != 0 or not (self.output_dir / "difficulty_history.csv").exists():
             return []
-        if idist.get_rank() != 0:
-            return []
-        from scripts.figures import write_figures
+        from scripts.figures import plot_label_audit, write_figures
 
         scores = None
         last = sorted((self.output_dir / "mc_maps").glob("pass_*.npz"))
@@ -305,79 +277,65 @@ class DifficultyPass:
             with np.load(last[-1]) as z:
                 dice = 1.0 - dice_error(torch.as_tensor(z["mean"]), torch.as_tensor(z["label"]))  # both empty: 1
                 scores = {str(i): float(v) for i, v in zip(z["ids"], dice)}
-        return write_figures(self.output_dir, scores=scores)
+        written = write_figures(self.output_dir, scores=scores)
+        audit = self.output_dir / "mc_maps" / "label_audit.npz"
+        if audit.exists():
+            written.append(plot_label_audit(audit, self.output_dir / "label_audit.csv",
+                                            self.output_dir / "figures" / "label_audit.png"))
+        return written
 
 
-class SegmentationReport:
+class PerImageConfusionMatrix(ConfusionMatrix):
     """
-    At the end of an evaluation, write the per-image and mean Dice, IoU, precision and recall that the
-    evaluator's MONAI metric handlers computed (each attached with ``save_details=True``):
+    MONAI's ``ConfusionMatrix`` handler whose per-image details are its metric, not the confusion counts.
 
-    - ``<output_dir>/metrics.csv``: one row per image (``image, dice, iou, precision, recall``);
-    - ``<output_dir>/metrics.json``: mean, standard deviation and median of each over the images, and the count.
+    With ``save_details=True`` MONAI stores the (images, classes, 4) counts ``[tp, fp, tn, fn]`` in
+    ``engine.state.metric_details[name]``, which ``MetricsSaver`` (``monai.handlers.utils.write_metrics_reports``)
+    cannot write: it writes details as (images, classes) tables. This handler stores
+    ``compute_confusion_matrix_metric(metric_name, counts)`` instead, (images, classes), NaN where the metric is
+    undefined for an image, so that ``<name>_raw.csv`` and ``<name>_summary.csv`` hold per-image precision, recall,
+    ... as they hold the Dice of ``MeanDice``. The handler's value (``engine.state.metrics[name]``) is MONAI's.
 
-    Args:
-        output_dir: the folder the two files are written to.
-        metric_names: the evaluator's metric name for each reported column, e.g.
-            ``{"dice": "test_dice", "iou": "test_iou", "precision": "test_precision", "recall": "test_recall"}``.
-            Names whose details hold confusion matrices (MONAI ``ConfusionMatrix`` handler) are turned into
-            the column's metric (precision, recall, ...) image by image.
-
-    Under ``torch.distributed`` (``configs/multi_gpu_evaluate.yaml``) every process must attach it: the image names
-    are gathered to match the metric details, which MONAI gathers, and rank 0 writes the files.
+    Takes the arguments of ``monai.handlers.ConfusionMatrix`` (one ``metric_name``).
     """
 
-    def __init__(self, output_dir: str | Path, metric_names: dict[str, str]) -> None:
-        if not metric_names:
-            raise ValueError("metric_names must map at least one report column to an evaluator metric name.")
-        self.output_dir = Path(output_dir)
-        self.metric_names = dict(metric_names)
-        self._images: list[str] = []
+    def compute(self):
+        result = super().compute()  # stores the counts when save_details
+        if self.save_details:
+            details = self._engine.state.metric_details
+            details[self._name] = compute_confusion_matrix_metric(self.metric_fn.metric_name[0], details[self._name])
+        return result
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._images.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect_names)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
-    def _collect_names(self, engine: Engine) -> None:
-        batch = engine.state.batch  # decollated by the evaluator: one dict per image
-        items = batch if isinstance(batch, list) else monai.data.decollate_batch(batch)
-        self._images.extend(str(item["image"].meta["filename_or_obj"]) for item in items)
+class AtomicMetricsSaver(MetricsSaver):
+    """
+    MONAI's ``MetricsSaver`` whose files each appear whole or not at all, as every file the bundle writes.
+
+    ``monai.handlers.utils.write_metrics_reports`` opens ``metrics.csv``, ``<name>_raw.csv`` and
+    ``<name>_summary.csv`` in ``save_dir`` and writes them in place, so a crash part-way leaves a cut-short report.
+    Here the saving rank has MONAI write them into a new temporary folder inside ``save_dir``
+    (``.metrics.<random>.tmp``) and renames each file over its target (``os.replace``, atomic within one file
+    system); the folder is removed even when writing fails. Redirecting the whole call keeps MONAI's gathering of
+    the file names across processes and its file formats as they are, with no copy of them here.
+
+    Takes the arguments of ``monai.handlers.MetricsSaver``.
+    """
 
     def __call__(self, engine: Engine) -> None:
-        details = engine.state.metric_details
-        columns: dict[str, np.ndarray] = {}
-        for column, name in self.metric_names.items():
-            if name not in details:
-                raise KeyError(f"evaluator metric {name!r} has no per-image details: attach it with save_details=True.")
-            values = torch.as_tensor(details[name]).float()
-            if values.ndim == 3 and values.shape[-1] == 4:  # (images, classes, [tp, fp, tn, fn])
-                values = compute_confusion_matrix_metric(column, values)
-            columns[column] = values.reshape(len(values), -1).mean(1).cpu().numpy()
-        # MONAI gathers the details of all processes in rank order; gather the names the same way
-        images = [name for part in idist.all_gather(self._images) for name in part]
-        if idist.get_rank() != 0:
+        if idist.get_rank() != self.save_rank:
+            super().__call__(engine)  # takes part in gathering the file names, writes nothing
             return
-        n = len(next(iter(columns.values())))
-        if len(images) != n:
-            raise RuntimeError(f"collected {len(images)} image names for {n} metric rows.")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(self.output_dir / "metrics.csv", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["image", *columns])
-            for i, image in enumerate(images):
-                writer.writerow([image, *(f"{columns[c][i]:.6f}" for c in columns)])
-        summary = {
-            c: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)), "median": float(np.nanmedian(v))}
-            for c, v in columns.items()
-        }
-        summary["num_images"] = n
-        with atomic_write(self.output_dir / "metrics.json") as f:
-            f.write(json.dumps(summary, indent=2) + "\n")
-        engine.logger.info(
-            "test metrics over %d images: %s", n, ", ".join(f"{c} {s['mean']:.4f}" for c, s in summary.items()
-                                                             if isinstance(s, dict))
-        )
+        save_dir = self.save_dir
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".metrics.", suffix=".tmp", dir=save_dir))
+        try:
+            self.save_dir = str(tmp)
+            super().__call__(engine)
+            for path in tmp.iterdir():
+                os.replace(path, Path(save_dir) / path.name)
+        finally:
+            self.save_dir = save_dir
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class UncertaintyReport:

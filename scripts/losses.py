@@ -9,7 +9,7 @@ import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from scripts.settings import is_int
+from scripts.errors import is_int
 
 __all__ = ["PolyDiceLoss", "AdaptivePolyDiceLoss", "WeightedSumLoss", "theta_squared"]
 

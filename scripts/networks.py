@@ -10,6 +10,8 @@ import torch
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
+from scripts.errors import InputError, is_int
+
 __all__ = ["DropoutUNet", "mc_dropout"]
 
 
@@ -55,11 +57,12 @@ class DropoutUNet(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
+        if not isinstance(features, Sequence) or len(features) != 5 or not all(is_int(f, 1) for f in features):
+            raise InputError(f'--features must be a list of five positive integers, e.g. "[64,128,256,512,512]", '
+                             f"got {features!r} ({type(features).__name__}).")
         features = tuple(int(f) for f in features)
-        if len(features) != 5 or min(features) < 1:
-            raise ValueError(f"features must be five positive encoder widths (f0..f4), got {features}.")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout}.")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise InputError(f"--dropout must be a number in [0.0, 1.0), got {dropout!r} ({type(dropout).__name__}).")
         f0, f1, f2, f3, f4 = features
         spatial_dims = 2
         conv = {"act": "relu", "norm": "batch", "bias": False, "dropout": None}  # None: no identity Dropout(0)

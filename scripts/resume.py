@@ -29,7 +29,7 @@ from torch import nn
 from scripts.errors import InputError
 from scripts.files import atomic_write
 
-__all__ = ["RunIdentity", "RandomStates", "check_trained_model", "describe_loss", "describe_network"]
+__all__ = ["RunIdentity", "RandomStates", "check_trained_model", "describe", "describe_network"]
 
 RUN_FILE = "run.json"  # the identity of the run whose files the checkpoint folder holds
 RUN_FILES = ("model.pt", "checkpoint_final.pt", RUN_FILE)  # plus checkpoint_epoch=N.pt
@@ -56,13 +56,13 @@ def describe_network(network: nn.Module) -> str:
     return f"{type(network).__name__}({', '.join([*_settings(network), f'dropout={dropout}'])}; {count} parameters)"
 
 
-def describe_loss(loss) -> str:
-    """Class and plain settings of a loss, with those of the losses it combines (MONAI losses keep theirs as
-    attributes, so an overlay or a ``--loss#gamma`` override changes the description)."""
-    parts = _settings(loss)
-    if isinstance(loss, nn.Module):
-        parts += [f"{name}={describe_loss(child)}" for name, child in loss.named_children()]
-    return f"{type(loss).__name__}({', '.join(parts)})"
+def describe(obj) -> str:
+    """Class and plain settings of a loss or other config component, with those of the modules it combines (MONAI
+    losses keep theirs as attributes, so an overlay or a ``--loss#gamma`` override changes the description)."""
+    parts = _settings(obj)
+    if isinstance(obj, nn.Module):
+        parts += [f"{name}={describe(child)}" for name, child in obj.named_children()]
+    return f"{type(obj).__name__}({', '.join(parts)})"
 
 
 def _describe_data(training: Sequence[Mapping], validation: Sequence[Mapping], dataset_dir: str | Path) -> str:
@@ -102,19 +102,23 @@ class RunIdentity:
         dataset_dir: the data set's folder; paths are compared relative to it.
         network: the network trained (its class, plain settings, dropout and parameter count are compared).
         loss: the loss function (its class and plain settings, recursively).
+        components: other objects that shape training, by name (the difficulty pass's scorer and ε map), compared
+            by class and plain settings as the loss is.
         settings: the other config ids that make the run what it is (``image_size``, ``batch_size``, the
-            difficulty pass's settings ...). ``features``, ``dropout`` and ``image_size`` among them are what
+            difficulty pass's schedule ...). ``features``, ``dropout`` and ``image_size`` among them are what
             :func:`check_trained_model` compares.
     """
 
     def __init__(self, ckpt_dir: str | Path, training: Sequence[Mapping], validation: Sequence[Mapping],
-                 dataset_dir: str | Path, network: nn.Module, loss, settings: Mapping | None = None) -> None:
+                 dataset_dir: str | Path, network: nn.Module, loss, components: Mapping | None = None,
+                 settings: Mapping | None = None) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in (settings or {}).items()}
         self.fingerprint = {
             "data": _describe_data(training, validation, dataset_dir),
             "network": describe_network(network),
-            "loss": describe_loss(loss),
+            "loss": describe(loss),
+            **{k: describe(v) for k, v in (components or {}).items()},
             **{k: json.dumps(v) for k, v in self.settings.items()},
         }
         self.run_id: str | None = None

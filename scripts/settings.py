@@ -1,23 +1,19 @@
 # Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
 """
-Type and range checks of the top-level config ids, run first in ``initialize``: a command-line override of the
-wrong type (``--epochs ten``, ``--resume true`` instead of ``True``) stops the run before any data is cached,
-with a message naming the id, instead of failing deep inside Ignite or PyTorch.
+Type and range checks of the top-level config ids that no constructor of the bundle sees (those of MONAI's and
+PyTorch's own objects, and rules across ids), run first in ``initialize``: a command-line override of the wrong
+type (``--epochs ten``, ``--resume true`` instead of ``True``) stops the run before any data is cached, with a
+message naming the id, instead of failing deep inside Ignite or PyTorch. The bundle's own classes check their
+arguments themselves (:mod:`scripts.errors`' ``check_*``).
 """
 
 from __future__ import annotations
 
 import numbers
 
-from scripts.difficulty import ASSIGNMENTS, EMPTY_RULES, SIGNALS
-from scripts.errors import InputError
+from scripts.errors import InputError, is_int
 
-__all__ = ["check_settings", "is_int"]
-
-
-def is_int(value, low: int = 0) -> bool:
-    """Whether ``value`` is an integer (a bool is not) of at least ``low``: the check of every count and size."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+__all__ = ["check_settings"]
 
 
 def _int(low: int):
@@ -50,24 +46,8 @@ _RULES = {
     "learning_rate": (lambda v: _float(0.0, float("inf"))[0](v) and v > 0, "a positive number"),
     "dropout": _float(0.0, 1.0, high_open=True),
     "cache_rate": _float(0.0, 1.0),
-    "features": (
-        lambda v: isinstance(v, (list, tuple)) and len(v) == 5 and all(_int(1)[0](f) for f in v),
-        'a list of five positive integers, e.g. "[64,128,256,512,512]"',
-    ),
     "resume": (lambda v: isinstance(v, bool), "True or False (capitalised: --resume True)"),
     "adaptive": (lambda v: isinstance(v, bool), "True or False (capitalised)"),
-    "mc_start": _int(0),
-    "mc_interval": _int(1),
-    "mc_samples": (lambda v: _int(0)[0](v) and v != 1, "0 (inference without MC dropout) or an integer >= 2"),
-    "mc_chunk_size": (lambda v: v == "auto" or is_int(v, 1), "auto or an integer >= 1"),
-    "percentile": _float(0.0, 100.0),
-    "eps_min": _float(-0.5, float("inf")),
-    "eps_max": _float(-0.5, float("inf")),
-    "sensitivity": _float(0.0, float("inf")),
-    "eps_initial": _float(-0.5, float("inf")),
-    "empty_mask_difficulty": (lambda v: v in EMPTY_RULES, " or ".join(EMPTY_RULES)),
-    "difficulty_signal": (lambda v: v in SIGNALS, " or ".join(SIGNALS)),
-    "eps_assignment": (lambda v: v in ASSIGNMENTS, " or ".join(ASSIGNMENTS)),
     "eval_split": (lambda v: v in ("test", "validation", "training"), "a datalist key: test, validation or training"),
 }
 
@@ -87,15 +67,10 @@ def check_settings(**settings) -> bool:
         ok, expected = _RULES[name]
         if not ok(value):
             errors.append(f"--{name} must be {expected}, got {value!r} ({type(value).__name__})")
-    if not errors and settings.get("adaptive") and settings.get("mc_samples", 2) < 2:
-        errors.append(f"--mc_samples must be >= 2 for adaptive training (the pass needs samples), "
-                      f"got {settings['mc_samples']}")
     if not errors and settings.get("adaptive") and settings.get("dropout", 0.5) == 0:
         errors.append("--dropout 0 makes every dropout sample the same, so the difficulty pass would give every "
                       "image the same eps: train with --dropout > 0, or use a fixed-shape loss overlay "
                       "(configs/loss/*.yaml)")
-    if not errors and settings.get("eps_min", 0.0) > settings.get("eps_max", float("inf")):
-        errors.append(f"--eps_min ({settings['eps_min']}) must not exceed --eps_max ({settings['eps_max']})")
     if errors:
         raise InputError("; ".join(errors) + ".")
     return True

@@ -19,7 +19,7 @@ from monai.utils import convert_to_dst_type
 from torch import nn
 
 from scripts.networks import mc_dropout
-from scripts.settings import is_int
+from scripts.errors import InputError, is_int
 
 __all__ = [
     "binary_entropy", "auto_chunk_size", "check_chunk_size", "mc_foreground_samples", "mc_foreground_samples_naive",
@@ -150,10 +150,12 @@ def auto_chunk_size(skip: torch.Tensor) -> int:
     return max(1, min(8, (8 << 20) // pair_bytes))
 
 
-def check_chunk_size(chunk_size) -> None:
-    """Raise ValueError unless ``chunk_size`` is ``"auto"`` or a positive int."""
+def check_chunk_size(chunk_size) -> int | str:
+    """``chunk_size`` if it is ``"auto"`` or an integer >= 1; otherwise an :class:`InputError`."""
     if chunk_size != "auto" and not is_int(chunk_size, 1):
-        raise ValueError(f"chunk_size must be 'auto' or an int >= 1, got {chunk_size!r}.")
+        raise InputError(f"--mc_chunk_size must be auto or an integer >= 1, got {chunk_size!r} "
+                         f"({type(chunk_size).__name__}).")
+    return chunk_size
 
 
 def mc_foreground_samples(
@@ -272,7 +274,8 @@ class MCDropoutInferer(Inferer):
     def __init__(self, num_samples: int = 10, chunk_size: int | str = "auto") -> None:
         super().__init__()
         if not is_int(num_samples, 0) or num_samples == 1:
-            raise ValueError(f"num_samples must be 0 (deterministic) or an int >= 2, got {num_samples!r}.")
+            raise InputError(f"--mc_samples must be 0 (inference without MC dropout) or an integer >= 2, got "
+                             f"{num_samples!r} ({type(num_samples).__name__}).")
         check_chunk_size(chunk_size)
         self.num_samples, self.chunk_size = num_samples, chunk_size
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ TINY = ["--image_size", "32", "--features", "[4,8,8,16,16]", "--batch_size", "8"
 TINY_OVERRIDES = {"image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 8, "num_workers": 0}
 TRAIN = "configs/train.yaml"
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
+EVAL_METRICS = ("dice", "iou", "precision", "recall")  # configs/evaluate.yaml's test_<metric>
 
 if str(BUNDLE_ROOT) not in sys.path:  # the configs import the bundle's `scripts` package
     sys.path.insert(0, str(BUNDLE_ROOT))
@@ -94,6 +96,27 @@ def torchscript(trained, tmp_path_factory) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def read_evaluation(folder: Path) -> dict:
+    """
+    What ``evaluating`` wrote to ``folder`` (MONAI's ``MetricsSaver``), by the names of ``EVAL_METRICS``:
+    ``"metrics"``, the metric values of ``metrics.csv`` (``{"dice": 0.8, ...}``); ``"images"``, each image's values
+    from ``test_<metric>_raw.csv`` (``{filename: {"dice": 0.7, ...}}``); ``"summary"``, the row ``mean`` (the
+    mean over classes) of ``test_<metric>_summary.csv`` (``{"dice": {"mean": ..., "median": ..., ...}}``).
+    """
+    folder = Path(folder)
+    with open(folder / "metrics.csv", newline="") as f:
+        result = {"metrics": {name.removeprefix("test_"): float(value) for name, value in csv.reader(f)},
+                  "images": {}, "summary": {}}
+    for metric in EVAL_METRICS:
+        with open(folder / f"test_{metric}_raw.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                result["images"].setdefault(row["filename"], {})[metric] = float(row["mean"])
+        with open(folder / f"test_{metric}_summary.csv", newline="") as f:
+            (row,) = [r for r in csv.DictReader(f) if r["class"] == "mean"]
+            result["summary"][metric] = {op: float(v) for op, v in row.items() if op != "class"}
+    return result
 
 
 def parse(config_files, **overrides) -> ConfigParser:

@@ -20,8 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.difficulty import EpsilonTable  # noqa: E402
-from scripts.handlers import AtomicCheckpointSaver, DifficultyPass  # noqa: E402
+from scripts.handlers import AtomicCheckpointSaver, DifficultyHistory  # noqa: E402
 
 
 def die_half_way_through_torch_save() -> None:
@@ -84,15 +83,14 @@ def main(what: str, folder: Path) -> None:
         die_half_way_through_torch_save()
         engine.run([0], max_epochs=2)
     elif what == "history":
-        table = EpsilonTable()
-        handler = DifficultyPass(dataset=[], table=table, output_dir=folder)
+        history = DifficultyHistory(folder)
         d = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
         ids = ["a.jpg", "b.jpg", "c.jpg"]
-        for epoch in (1, 11):
+        for k, epoch in enumerate((1, 11), start=1):
             if epoch == 11:
                 die_half_way_through_csv_rows()
-            table.update(ids, d)
-            handler._record(epoch, ids, ids, d, d, d, [], 1.0)
+            history.write({"pass_number": k, "epoch": epoch, "images": ids, "labels": ids, "seconds": 1.0,
+                           **dict.fromkeys(("D", "D_norm", "eps", "dice_error", "suspicion"), d)}, {}, {})
     raise SystemExit("the second write finished: the crash was not simulated")
 
 

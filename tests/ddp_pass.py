@@ -23,7 +23,7 @@ def main(dataset_dir: str, out_dir: str) -> None:
     parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": dataset_dir, "output_dir": out_dir,
                    "image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 4, "num_workers": 0,
                    "mc_samples": 4, "device": "cpu"})
-    handler = [h for h in parser.get_parsed_content("train#handlers") if type(h).__name__ == "DifficultyPass"][0]
+    handler = parser.get_parsed_content("difficulty#pass")
     torch.manual_seed(0)  # the same weights on every rank, as DDP would have them
     network = parser.get_parsed_content("network_def")
     result = handler.run_pass(network, epoch=1)

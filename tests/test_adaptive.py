@@ -21,23 +21,26 @@ PASSES = ["--mc_start", "1", "--mc_interval", "1", "--mc_samples", "3"]
 @pytest.mark.parametrize("start,interval,due", [(0, 10, [10, 20]), (1, 1, list(range(1, 21))), (3, 4, [3, 7, 11, 15, 19]),
                                                 (5, 100, [5])])
 def test_schedule_of_algorithm_1(start, interval, due):
-    handler = DifficultyPass(dataset=[], table=EpsilonTable(), start=start, interval=interval)
+    handler = DifficultyPass([], scorer=None, eps_map=None, table=EpsilonTable(), start=start, interval=interval)
     assert [e for e in range(1, 21) if handler.is_due(e)] == due
 
 
+DICE_ERROR = {"difficulty#scorer": {"_target_": "scripts.difficulty.DiceErrorDifficulty"}}  # its overlay's content
+NO_HISTORY = {"difficulty#pass#history": None}
+
+
 def difficulty_pass(demo, **overrides) -> tuple[DifficultyPass, torch.nn.Module]:
-    """The config's difficulty-pass handler and network, on the demo set with the tiny network."""
+    """The config's difficulty pass (``difficulty#pass``) and network, on the demo set with the tiny network."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / TRAIN))
-    # no TensorBoard writer: with output_dir None it would log to ./runs of the working directory
+    # no TensorBoard writer: a test has no use for its event files
     parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(demo), "device": "cpu", **TINY_OVERRIDES,
                    "train#summary_writer": None, **overrides})
-    handler = [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, DifficultyPass)][0]
-    return handler, parser.get_parsed_content("network")
+    return parser.get_parsed_content("difficulty#pass"), parser.get_parsed_content("network")
 
 
 def test_pass_leaves_the_network_untouched(demo):
-    handler, network = difficulty_pass(demo, mc_samples=3, output_dir=None)
+    handler, network = difficulty_pass(demo, mc_samples=3, **NO_HISTORY)
     network.train()
     network(torch.rand(4, 3, 32, 32)).sum().backward()  # non-trivial BatchNorm statistics and gradients
     before = {k: v.clone() for k, v in network.state_dict().items()}
@@ -63,8 +66,8 @@ def test_history_keeps_one_set_of_rows_per_pass(demo, tmp_path):
 
 
 def test_shuffled_control_hands_out_the_same_eps_values_in_another_order(demo):
-    ranked, network = difficulty_pass(demo, mc_samples=3, output_dir=None)
-    shuffled, _ = difficulty_pass(demo, mc_samples=3, output_dir=None, eps_assignment="shuffled")
+    ranked, network = difficulty_pass(demo, mc_samples=3, **NO_HISTORY)
+    shuffled, _ = difficulty_pass(demo, mc_samples=3, **NO_HISTORY, **{"difficulty#eps_map#assignment": "shuffled"})
     a, b = ranked.run_pass(network, epoch=1), shuffled.run_pass(network, epoch=1)
     assert torch.equal(a["D"], b["D"]) and a["labels"] == b["labels"]  # same scores: only the assignment differs
     assert torch.equal(b["eps"].sort().values, a["eps"].sort().values)  # the same values ...
@@ -77,7 +80,7 @@ def test_dice_error_control_scores_one_minus_dice_of_the_mean_prediction(demo, t
     from monai.metrics import compute_dice
     from scripts.uncertainty import mc_foreground_samples
 
-    handler, network = difficulty_pass(demo, mc_samples=3, output_dir=None, difficulty_signal="dice_error")
+    handler, network = difficulty_pass(demo, mc_samples=3, **NO_HISTORY, **DICE_ERROR)
     # trained weights: an untrained network's mean sits at 0.5 almost everywhere, where rounding differences
     # between two otherwise identical float computations flip the thresholded mask pixel by pixel
     network.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import (BUNDLE_ROOT, EVALUATE, SHARED_DATA, TINY, TINY_OVERRIDES, TRAIN, parse, read_json, run,
-                      trained_network)
+from conftest import (BUNDLE_ROOT, EVAL_METRICS, EVALUATE, SHARED_DATA, TINY, TINY_OVERRIDES, TRAIN, parse,
+                      read_evaluation, read_json, run, trained_network)
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
@@ -32,33 +32,42 @@ def test_evaluation_matches_an_independent_computation(demo, trained, tmp_path):
     out = tmp_path / "eval"
     proc = run("-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE, "--dataset_dir", str(demo),
                "--ckpt_dir", str(trained / "models"), "--output_dir", str(out), *TINY)
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    evaluation = read_evaluation(out)
+    by_name = evaluation["images"]
     test_list = read_json(demo / "datalist.json")["test"]
-    assert len(rows) == len(test_list) > 0
+    assert len(by_name) == len(test_list) > 0
+    # MetricsSaver's files and nothing else: no temporary file or folder is left behind
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["metrics.csv", *(f"test_{m}_{kind}.csv" for m in EVAL_METRICS for kind in ("raw", "summary"))])
 
     # reference: the network run by hand on the evaluation inputs, metrics in float64 numpy
     parser = parse([TRAIN, "configs/evaluate.yaml"], dataset_dir=str(demo), device="cpu", **TINY_OVERRIDES)
     net = trained_network(trained, TRAIN)
     dataset = parser.get_parsed_content("validate#dataset")
-    by_name = {r["image"]: r for r in rows}
     for item in dataset:
         with torch.no_grad():
             pred = net(item["image"][None]).argmax(1)[0].numpy().astype(bool)
         gt = item["label"][0].numpy().astype(bool)
         tp, fp, fn = (pred & gt).sum(), (pred & ~gt).sum(), (~pred & gt).sum()
         row = by_name[str(item["image"].meta["filename_or_obj"])]
-        np.testing.assert_allclose(float(row["dice"]), 2 * tp / (2 * tp + fp + fn), atol=1e-5)
-        np.testing.assert_allclose(float(row["iou"]), tp / (tp + fp + fn), atol=1e-5)
-        np.testing.assert_allclose(float(row["recall"]), tp / (tp + fn), atol=1e-5)
-        if tp + fp:
-            np.testing.assert_allclose(float(row["precision"]), tp / (tp + fp), atol=1e-5)
-    summary = read_json(out / "metrics.json")
-    assert summary["num_images"] == len(rows)
-    for metric in ("dice", "iou", "precision", "recall"):
-        np.testing.assert_allclose(summary[metric]["mean"], np.mean([float(r[metric]) for r in rows]), atol=1e-5)
+        np.testing.assert_allclose(row["dice"], 2 * tp / (2 * tp + fp + fn), atol=1e-5)
+        np.testing.assert_allclose(row["iou"], tp / (tp + fp + fn), atol=1e-5)
+        np.testing.assert_allclose(row["recall"], tp / (tp + fn), atol=1e-5)
+        if tp + fp:  # precision and recall are ratios, not MONAI's confusion counts
+            np.testing.assert_allclose(row["precision"], tp / (tp + fp), atol=1e-5)
+        else:
+            assert np.isnan(row["precision"])
+    for metric in EVAL_METRICS:
+        values = np.array([r[metric] for r in by_name.values()])
+        mean = np.nanmean(values)
+        np.testing.assert_allclose(evaluation["metrics"][metric], mean, atol=1e-5)
+        summary = evaluation["summary"][metric]  # written with 4 decimals
+        assert summary["notnans"] == np.isfinite(values).sum()
+        np.testing.assert_allclose([summary["mean"], summary["median"], summary["std"], summary["max"]],
+                                   [mean, np.nanmedian(values), np.nanstd(values), np.nanmax(values)], atol=1e-4)
         # the log reports the same per-image means (MONAI's ConfusionMatrix pools pixels unless compute_sample)
         logged = re.search(rf"test_{metric}: ([0-9.]+)", proc.stdout + proc.stderr).group(1)
-        assert float(logged) == pytest.approx(summary[metric]["mean"], abs=1e-4), metric
+        assert float(logged) == pytest.approx(mean, abs=1e-4), metric
 
 
 def _frames(folder, demo):
@@ -252,11 +261,10 @@ def test_multi_gpu_evaluate_config_matches_single_process_evaluation(demo, train
         cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    def rows(folder):
-        return {r["image"]: r for r in csv.DictReader(open(tmp_path / folder / "metrics.csv"))}
-
-    assert rows("two") == rows("one") and len(rows("one")) == len(read_json(demo / "datalist.json")["test"])
-    one, two = read_json(tmp_path / "one" / "metrics.json"), read_json(tmp_path / "two" / "metrics.json")
-    assert two["num_images"] == one["num_images"]
-    for metric in ("dice", "iou", "precision", "recall"):  # float32 sums in another image order
-        assert two[metric] == pytest.approx(one[metric], rel=1e-5)
+    one, two = read_evaluation(tmp_path / "one"), read_evaluation(tmp_path / "two")
+    # every image's values under its own name: the names MetricsSaver gathers match the details MONAI gathers
+    assert two["images"] == one["images"] and len(one["images"]) == len(read_json(demo / "datalist.json")["test"])
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    for metric in EVAL_METRICS:  # float32 sums in another image order
+        assert two["metrics"][metric] == pytest.approx(one["metrics"][metric], rel=1e-5)
+        assert two["summary"][metric] == pytest.approx(one["summary"][metric], abs=1.5e-4)  # 4 decimals

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BUNDLE_ROOT, EVALUATE, TINY, TRAIN, parse, read_json, run, trained_network
+from conftest import BUNDLE_ROOT, EVALUATE, TINY, TRAIN, parse, read_evaluation, read_json, run, trained_network
 from PIL import Image
 from scripts.data import binarize_mask
 
@@ -89,8 +89,7 @@ def test_mlflow_tracking_records_training_and_evaluation(demo, tmp_path):
     artifacts = [a.path for a in client.list_artifacts(train.info.run_id)]
     assert artifacts == ["train_config.json"]
     assert read_json(client.download_artifacts(train.info.run_id, "train_config.json", str(tmp_path)))["epochs"] == 2
-    assert evaluation.data.metrics["test_dice"] == pytest.approx(read_json(out / "metrics.json")["dice"]["mean"],
-                                                                 rel=1e-5)
+    assert evaluation.data.metrics["test_dice"] == pytest.approx(read_evaluation(out)["metrics"]["dice"], rel=1e-5)
 
 
 def monailabel_bundle(demo, trained, tmp_path) -> tuple[Path, list[dict], list[dict]]:

@@ -52,7 +52,7 @@ def test_normalisation_and_epsilon_against_numpy():
     d_norm = normalise_difficulty(torch.as_tensor(d), percentile=25, delta=1e-9).numpy()
     expected = (d - np.percentile(d, 25)) / (np.std(d) + 1e-9)
     np.testing.assert_allclose(d_norm, expected, rtol=1e-12)
-    eps = epsilon_from_difficulty(torch.as_tensor(expected), eps_min=0.0, eps_max=0.5, sensitivity=2.0).numpy()
+    eps = epsilon_from_difficulty(torch.as_tensor(expected), eps_min=0.0, eps_max=0.5, slope=2.0).numpy()
     np.testing.assert_allclose(eps, 0.5 / (1 + np.exp(-2 * expected)), rtol=1e-12)
     assert eps.min() >= 0 and eps.max() <= 0.5
     assert np.argmax(eps) == np.argmax(d)  # the hardest image gets the steepest loss

@@ -46,10 +46,13 @@ def test_a_truncated_model_ends_evaluation_with_one_line(demo, trained, tmp_path
     ({"image_size": [64, 60]}, 'error: --image_size must be a multiple of 16 (the U-Net pools four times), or a '
                                'pair "[H,W]" of them, got [64, 60] (list).'),
     ({"eps_min": 0.4, "eps_max": 0.1}, "error: --eps_min (0.4) must not exceed --eps_max (0.1)."),
-    ({"empty_mask_difficulty": "skip"}, "error: --empty_mask_difficulty must be zero or image_mean, got 'skip' (str)."),
-    ({"difficulty_signal": "loss"}, "error: --difficulty_signal must be mutual_information or dice_error, got 'loss' "
-                                    "(str)."),
-    ({"eps_assignment": "random"}, "error: --eps_assignment must be ranked or shuffled, got 'random' (str)."),
+    ({"difficulty#scorer#empty": "skip"}, "error: MutualInformationDifficulty empty must be one of zero, image_mean, "
+                                          "got 'skip'."),
+    ({"difficulty#eps_map#slope": "two"}, "error: EpsilonMap slope must be a number in [0.0, inf], got 'two' (str)."),
+    ({"difficulty#eps_map#assignment": "random"}, "error: EpsilonMap assignment must be one of ranked, shuffled, got "
+                                                  "'random'."),
+    ({"mc_interval": 0}, "error: DifficultyPass interval (--mc_interval) must be an integer >= 1, got 0 (int)."),
+    ({"mc_samples": 1}, "error: DifficultyPass num_samples (--mc_samples) must be an integer >= 2, got 1 (int)."),
     ({"mc_chunk_size": 0}, "error: --mc_chunk_size must be auto or an integer >= 1, got 0 (int)."),
     ({"dropout": 0.0}, "error: --dropout 0 makes every dropout sample the same, so the difficulty pass would give "
                        "every image the same eps: train with --dropout > 0, or use a fixed-shape loss overlay "

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 
 import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import (BUNDLE_ROOT, CVC, EVALUATE, KVASIR, TINY, TINY_OVERRIDES, TRAIN, bundle_error, needs, read_json,
-                      run)
+from conftest import (BUNDLE_ROOT, CVC, EVALUATE, KVASIR, TINY, TINY_OVERRIDES, TRAIN, bundle_error, needs,
+                      read_evaluation, read_json, run)
 from monai.bundle import ConfigParser
 from PIL import Image
 
@@ -78,9 +79,10 @@ def test_train_evaluate_and_infer_on_real_frames(kvasir_slice, trained):
     assert (out / "eval" / "figures" / "epsilon_distribution.png").is_file()
     assert torch.load(out / "models" / "checkpoint_final.pt", weights_only=True)["epsilon_table"]["num_passes"] == 2
     run("-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE, *common)
-    summary = read_json(out / "eval" / "metrics.json")
-    assert summary["num_images"] == len(read_json(data / "datalist.json")["test"])
-    assert 0.0 <= summary["dice"]["mean"] <= 1.0
+    evaluation = read_evaluation(out / "eval")
+    test_list = read_json(data / "datalist.json")["test"]
+    assert sorted(evaluation["images"]) == sorted(os.path.normpath(data / d["image"]) for d in test_list)
+    assert 0.0 <= evaluation["metrics"]["dice"] <= 1.0
 
     frames = kvasir_slice / "frames" / "images"
     run("-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--input_dir", str(frames),

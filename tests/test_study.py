@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from conftest import BUNDLE_ROOT, TINY_OVERRIDES, read_json, run
+from conftest import BUNDLE_ROOT, TINY_OVERRIDES, read_evaluation, read_json, run
 from scipy.stats import wilcoxon
 
 STUDY = BUNDLE_ROOT / "benchmarks" / "study.py"
@@ -54,10 +54,11 @@ def test_study_trains_orders_resumes_and_reports(demo, tmp_path):
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["method"] for r in rows] == ["dice", "adaptive", "fixed_mean", "best"]
     for r in rows[:3]:
-        test = read_json(out / "demo" / r["method"] / "seed0" / "test" / "metrics.json")
-        val = read_json(out / "demo" / r["method"] / "seed0" / "validation" / "metrics.json")
-        assert float(r["dice_mean"]) == pytest.approx(test["dice"]["mean"], abs=1e-5)
-        assert float(r["val_dice_mean"]) == pytest.approx(val["dice"]["mean"], abs=1e-5)
+        test = read_evaluation(out / "demo" / r["method"] / "seed0" / "test")
+        val = read_evaluation(out / "demo" / r["method"] / "seed0" / "validation")
+        for metric in ("dice", "iou", "precision", "recall"):
+            assert float(r[f"{metric}_mean"]) == pytest.approx(test["metrics"][metric], abs=1e-5)
+        assert float(r["val_dice_mean"]) == pytest.approx(val["metrics"]["dice"], abs=1e-5)
     best = max(rows[::2][:2], key=lambda r: float(r["val_dice_mean"]))  # chosen on validation, among dice/fixed
     assert rows[3]["label"].endswith(best["label"]) and rows[3]["dice_mean"] == best["dice_mean"]
     assert "| dice | 1 |" in (out / "results_tables.md").read_text()
@@ -85,7 +86,7 @@ def test_paired_comparison_pairs_images_by_name_and_averages_seeds():
     shuffled = dict(reversed(list(other.items())))  # another order: pairing must go by name
 
     def entry(per_image):
-        summary = {m: {"mean": 0.7} for m in study.METRICS}
+        summary = {m: 0.7 for m in study.METRICS}
         return {"seeds": [0, 1], "test": [summary, summary], "val_dice": [0.7, 0.7], "images": per_image,
                 "train_minutes": [1.0, 1.0], "eps": []}
 
