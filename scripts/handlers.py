@@ -100,25 +100,15 @@ class DifficultyPass:
     The Monte Carlo dropout difficulty pass of method.md §3-4, an Ignite handler on the trainer.
 
     At the start of epoch e (from 1) with e >= ``start`` and (e − ``start``) mod ``interval`` = 0, the trainer's
-    network, frozen, makes ``num_samples`` dropout samples of every image of ``dataset`` (:func:`mc_foreground_samples`:
-    only dropout stochastic, BatchNorm in eval mode, no gradients). ``scorer`` turns each batch's samples and masks
-    into one difficulty D per image, ``eps_map`` turns the D of all images into ε, and ``table``, which the loss
-    reads, takes the new values. The label audit's evidence, 1 − Dice of the mean prediction against the label
-    (:func:`dice_error`), comes from the same samples. Sampling runs inside ``torch.random.fork_rng`` with a seed of
-    its own (``seed``, the epoch and the rank), so the training's random stream, and with it every batch and
-    augmentation, is the same as without the pass.
-
-    Under ``torch.distributed`` each process scores every ``world_size``-th image from its rank on and the scores
-    are gathered (``ignite.distributed``), so every process ends with the same table. ``history`` (rank 0) is
-    handed each pass's result and, for the figures, the maps of ``num_map_images`` fixed images and of the
-    ``num_audit_images`` most suspect labels (sampled again: a few images, not the whole set).
-
-    Args:
-        dataset: the training images and labels, deterministic preprocessing only.
-        scorer, eps_map, table: of :mod:`scripts.difficulty`.
-        start, interval: E₀ and τ of the schedule. num_samples: N (>= 2).
-        batch_size, num_workers: of the pass's loader. chunk_size: see :func:`mc_foreground_samples`.
-        seed: of the dropout masks and of the fixed map images. history: a :class:`DifficultyHistory`, or None.
+    network, frozen, makes ``num_samples`` dropout samples of every image of ``dataset``
+    (:func:`mc_foreground_samples`). ``scorer`` turns each batch's (N, B, H, W) samples and masks into (B,)
+    difficulties D, ``eps_map`` the D of all images into ε, and ``table``, which the loss reads, takes the new
+    values. From the same samples comes the label audit's evidence, 1 − Dice of the mean prediction. Sampling runs
+    inside ``torch.random.fork_rng`` with a seed of its own (``seed``, epoch, rank), so training draws the same
+    batches and augmentations as without the pass. Under ``torch.distributed`` each process scores every
+    ``world_size``-th image and the scores are gathered, so every process ends with the same table. ``history``
+    (rank 0; None writes nothing) gets each pass's result and the maps of ``num_map_images`` fixed images and of
+    the ``num_audit_images`` most suspect labels (sampled again: a few images, not the set).
     """
 
     def __init__(self, dataset, scorer, eps_map, table, start: int = 0, interval: int = 10, num_samples: int = 10,
@@ -151,11 +141,6 @@ class DifficultyPass:
         result.update(D_norm=self.eps_map.normalise(result["D"]), eps=self.eps_map(result["D"], epoch))
         self.table.update(result["labels"], result["eps"])
         result.update(epoch=epoch, pass_number=self.table.num_passes, seconds=time.perf_counter() - began)
-        d, eps = result["D"], result["eps"]
-        logging.getLogger(__name__).info(
-            f"difficulty pass {self.table.num_passes} at epoch {epoch}: {len(d)} images in {result['seconds']:.1f} s;"
-            f" D min/median/max {d.min():.4g}/{d.median():.4g}/{d.max():.4g};"
-            f" eps min/median/max {eps.min():.3f}/{eps.median():.3f}/{eps.max():.3f}")
         if self.history is not None and idist.get_rank() == 0:
             fixed = np.random.default_rng(self.seed).permutation(len(self.dataset))[: self.num_map_images]
             suspects = result["suspicion"].argsort(descending=True, stable=True)[: self.num_audit_images]
@@ -225,7 +210,7 @@ class DifficultyHistory:
     - ``mc_maps/pass_NNN.npz``: the image, label and uncertainty maps of a fixed set of images (the layout of
       :mod:`scripts.figures`); ``mc_maps/label_audit.npz``: the same for the most suspect labels of the last pass.
     - ``label_audit.csv``: the training images ranked by the evidence of a wrong label (:mod:`scripts.audit`).
-    - TensorBoard histograms and medians of D and ε, with a ``summary_writer``.
+    - TensorBoard histograms and medians of D and ε, with a ``summary_writer``, and a log line per pass.
     - When training completes, ``figures/``: the uncertainty evolution of the easiest and hardest mapped image, the
       ε distribution over the passes and the label-audit sheet.
     """
@@ -239,7 +224,11 @@ class DifficultyHistory:
 
     def write(self, result: dict, maps: dict[str, np.ndarray], suspect_maps: dict[str, np.ndarray]) -> None:
         """Record one pass's ``result`` (of :meth:`DifficultyPass.run_pass`) and the maps of its images."""
-        k, epoch = result["pass_number"], result["epoch"]
+        k, epoch, d, eps = result["pass_number"], result["epoch"], result["D"], result["eps"]
+        logging.getLogger(__name__).info(
+            f"difficulty pass {k} at epoch {epoch}: {len(d)} images in {result['seconds']:.1f} s; D min/median/max "
+            f"{d.min():.4g}/{d.median():.4g}/{d.max():.4g}; eps min/median/max {eps.min():.3f}/{eps.median():.3f}/"
+            f"{eps.max():.3f}")
         if self.writer is not None:
             for name in ("D", "eps"):
                 self.writer.add_histogram(f"difficulty_pass/{name}", result[name], epoch)

@@ -148,6 +148,16 @@ def test_adaptive_training_end_to_end(demo, tmp_path):
             assert saved[r["label"]] == pytest.approx(float(r["eps"]), rel=1e-5)
     assert {"torch", "numpy", "python", "transforms"} <= set(state["random_states"])
     assert len(list((out / "mc_maps").glob("pass_*.npz"))) == 2
+    # the label audit of the last pass: every training image once, most suspect first, from the history's numbers
+    from scripts.audit import read_label_audit
+
+    audit = read_label_audit(out / "label_audit.csv")
+    last_rows = {r["label"]: r for r in rows if r["pass"] == "2"}
+    assert sorted(a["label"] for a in audit) == sorted(last_rows) and [a["rank"] for a in audit] == list(
+        range(1, n_train + 1))
+    assert all(a["suspicion"] >= b["suspicion"] for a, b in zip(audit, audit[1:]))
+    assert all(a["dice_error"] == pytest.approx(float(last_rows[a["label"]]["dice_error"]), abs=1e-5) for a in audit)
+    assert (out / "figures" / "label_audit.png").is_file()
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "epsilon_distribution.png" in figures and len([f for f in figures if f.startswith("uncertainty_")]) >= 2
 

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from scripts.audit import label_suspicion
 from scripts.difficulty import (
+    DiceErrorDifficulty,
+    EpsilonMap,
     EpsilonTable,
+    MutualInformationDifficulty,
     dice_error,
     epsilon_from_difficulty,
     image_difficulty,
     normalise_difficulty,
 )
+from scripts.errors import InputError
 from scripts.losses import AdaptivePolyDiceLoss, PolyDiceLoss
+from scripts.uncertainty import uncertainty_maps
 
 
 def test_difficulty_is_the_mean_mi_over_the_foreground():
@@ -61,6 +67,47 @@ def test_normalisation_and_epsilon_against_numpy():
     torch.testing.assert_close(same, torch.full((4,), 0.2, dtype=torch.float64))
     with pytest.raises(ValueError, match="eps_max"):
         epsilon_from_difficulty(torch.zeros(2), eps_min=0.5, eps_max=0.1)
+
+
+def test_scorers_score_a_batch_of_samples():
+    samples = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # (N, B, H, W)
+    mask = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5
+    mi = uncertainty_maps(samples.double())["mutual_information"].numpy()
+    expected = [mi[b][mask[b, 0].numpy()].mean() for b in range(3)]  # float64, by hand
+    np.testing.assert_allclose(MutualInformationDifficulty()(samples, mask).numpy(), expected, rtol=1e-4)
+    torch.testing.assert_close(DiceErrorDifficulty()(samples, mask), dice_error(samples.mean(0), mask))
+    with pytest.raises(InputError, match="MutualInformationDifficulty empty must be one of zero, image_mean"):
+        MutualInformationDifficulty(empty="skip")
+
+
+def test_epsilon_map_is_the_normalisation_and_sigmoid_and_checks_its_arguments():
+    d = torch.tensor([0.2, 0.05, 0.4, 0.1, 0.3], dtype=torch.float64)
+    ranked = EpsilonMap(eps_min=0.1, eps_max=0.4, slope=3.0, percentile=50)
+    torch.testing.assert_close(ranked(d, epoch=7), epsilon_from_difficulty(normalise_difficulty(d, 50), 0.1, 0.4, 3.0))
+    shuffled = EpsilonMap(eps_min=0.1, eps_max=0.4, slope=3.0, percentile=50, assignment="shuffled", seed=3)
+    a, b = shuffled(d, epoch=7), shuffled(d, epoch=7)
+    torch.testing.assert_close(a, b)  # the same order in every process
+    torch.testing.assert_close(a.sort().values, ranked(d).sort().values)
+    assert not torch.equal(a, ranked(d)) and not torch.equal(a, shuffled(d, epoch=8))
+    for kwargs, message in (({"eps_min": 0.4, "eps_max": 0.1}, "--eps_min (0.4) must not exceed --eps_max (0.1)."),
+                            ({"percentile": 101}, "EpsilonMap percentile must be a number in [0.0, 100.0], got 101"),
+                            ({"slope": "2"}, "EpsilonMap slope must be a number in [0.0, inf], got '2' (str)."),
+                            ({"assignment": "random"}, "EpsilonMap assignment must be one of ranked, shuffled")):
+        with pytest.raises(InputError) as info:
+            EpsilonMap(**kwargs)
+        assert str(info.value).startswith(message)
+
+
+def test_label_suspicion_by_hand():
+    d = torch.tensor([0.3, 0.1, 0.1, 0.5])
+    error = torch.tensor([0.5, 1.0, 0.2, 0.8])
+    # ranks of D (ties averaged) 3, 1.5, 1.5, 4 -> q = (rank - 1) / 3 = 2/3, 1/6, 1/6, 1
+    expected = torch.tensor([0.5 / 3, 1.0 * 5 / 6, 0.2 * 5 / 6, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(label_suspicion(d, error), expected)
+    # a sure model far from the label tops the list; an unsure one (the highest D) is hard, not mislabelled
+    assert label_suspicion(d, error).argmax() == 1 and label_suspicion(d, error)[3] == 0
+    with pytest.raises(ValueError, match="one shape"):
+        label_suspicion(d, error[:3])
 
 
 def test_table_lookup_update_and_checkpoint_round_trip():

@@ -68,7 +68,7 @@ def test_mc_dropout_needs_a_dropout_layer():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"features": (4, 8, 8, 16)}, "five positive"),
-                                          ({"dropout": 1.0}, "probability")])
+                                          ({"dropout": 1.0}, r"--dropout must be a number in \[0.0, 1.0\)")])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DropoutUNet(**kwargs)

@@ -340,7 +340,7 @@ def test_mc_inferer_channels_against_the_deterministic_forward_and_the_maps():
     assert mc[:, 2].abs().max() < 1e-6 and mc[:, 4].abs().max() < 1e-6  # no variance, no mutual information
     assert MCDropoutInferer.output_names(3)[1:] == ["probability", "variance", "entropy", "mutual_information"]
     for bad in (1, -1, True):
-        with pytest.raises(ValueError, match="num_samples must be 0"):
+        with pytest.raises(ValueError, match="mc_samples must be 0"):
             MCDropoutInferer(bad)
 
 
