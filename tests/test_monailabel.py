@@ -28,3 +28,14 @@ def test_monailabel_server_infers_trains_and_scores_with_the_bundle(tmp_path):
     assert summary["training"]["tensors_changed"] > 0
     scores = summary["scores"]
     assert summary["next_image"] == max(scores, key=lambda s: scores[s]["polyp_mi"])
+    # the label audit: the scoring audits all 6 labelled frames, later reads the table it wrote; the strategy serves
+    # the most suspect label, then passes over the served and the re-saved one
+    audit = summary["label_audit"]
+    ranked, suspicion = audit["ranked"], audit["suspicion"]
+    assert sorted(ranked) == sorted(suspicion) and len(ranked) == 6
+    assert audit["audited_on_first_scoring"] and audit["read_table_on_third"]
+    assert [suspicion[s] for s in ranked] == sorted(suspicion.values(), reverse=True)
+    first, second = audit["served"]
+    assert suspicion[first] == suspicion[ranked[0]]
+    assert audit["resaved"] != first and second not in (first, audit["resaved"])
+    assert suspicion[second] == max(v for s, v in suspicion.items() if s not in (first, audit["resaved"]))

@@ -19,12 +19,20 @@ What it does, each step checked, stopping at the first failure (exit status 1, t
    bundle as model and as ``epistemic_model`` (MONAI Label's epistemic scoring with the network's own dropout p);
 4. inference request on that JPEG: the returned PNG must equal the reference mask pixel for pixel;
 5. saves the labels of the labelled frames through the datastore API (0/1 PNG, as MONAI Label's viewers save
-   them), then a training request (1 epoch): ``model.pt`` must be rewritten with new weights that load strictly;
+   them), then a training request (1 epoch): ``model.pt`` must be rewritten with new weights that load strictly,
+   with its ``output_dir`` at ``<bundle>/eval``, where the difficulty pass of a longer training writes its label
+   audit, ``label_audit.csv``;
 6. scoring requests ``polyp_bundle`` (epistemic) and ``polyp_mi`` (the bundle's difficulty): every unlabelled
    image gets a finite score; ``polyp_mi`` is compared with the ``mean_mi_foreground`` of the bundle's own
    ``--mc_samples`` inference (dropout draws differ, so within a tolerance); the ``polyp_mi`` strategy must
    return the highest-scoring image;
-7. stops the server and prints a JSON summary.
+7. scoring request ``label_audit``: ``eval/label_audit.csv`` must rank every labelled frame and each frame's
+   ``label_audit`` must be its suspicion there, with ``model.pt``'s timestamp; a table found there (the first
+   training's, of other frames) is not that audit, so the bundle's audit runs first.
+   A second request changes nothing; with the records made older, a third reads the table without auditing. The
+   ``label_audit`` strategy must serve the top of the audit; after the next frame's label is saved again, it must
+   serve the one after (the served and the re-saved label are passed over);
+8. stops the server and prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from PIL import Image
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(BUNDLE_ROOT))
+from scripts.audit import read_label_audit  # noqa: E402
 from scripts.data import binarize_mask  # noqa: E402  the bundle's mask rule
 
 APP_MAIN = Path(__file__).resolve().parent / "main.py"
@@ -191,7 +200,9 @@ def run_checks(ctx: dict, args, summary: dict) -> None:
     info = requests.get(f"{args.url}/info/", timeout=30).json()
     check(NAME in info["models"] and NAME in info["trainers"], f"/info/ lists {NAME} as model and trainer")
     check({NAME, "polyp_mi"} <= set(info["scoring"]), f"/info/ lists the scoring methods {NAME} and polyp_mi")
-    check({"polyp_mi", "epistemic"} <= set(info["strategies"]), "/info/ lists the strategies polyp_mi, epistemic")
+    check({"polyp_mi", "label_audit"} <= set(info["scoring"]), "/info/ lists the scoring method label_audit")
+    check({"polyp_mi", "epistemic", "label_audit"} <= set(info["strategies"]),
+          "/info/ lists the strategies polyp_mi, epistemic, label_audit")
     check(info["models"][NAME]["labels"] == {"polyp": 1}, "the label is polyp = 1 (metadata.json channel_def)")
 
     # 4. inference on a JPEG equals the bundle's own inference
@@ -212,11 +223,7 @@ def run_checks(ctx: dict, args, summary: dict) -> None:
 
     # 5. labels through the datastore, then training
     for s in ctx["labelled"]:
-        with open(ctx["labels"] / f"{s}.png", "rb") as f:
-            r = requests.put(f"{args.url}/datastore/label", params={"image": s, "tag": "final"},
-                             files={"label": (f"{s}.png", f, "image/png")}, timeout=60)
-        if not r.ok:
-            raise CheckFailed(f"PUT /datastore/label {s} answered {r.status_code}: {r.text[:300]}")
+        save_label(ctx, args, s)
     datastore = requests.get(f"{args.url}/datastore/", params={"output": "all"}, timeout=60).json()
     labelled = sorted(k for k, v in datastore["objects"].items() if v.get("labels", {}).get("final"))
     check(labelled == sorted(ctx["labelled"]), f"{len(labelled)} labels saved through the datastore API")
@@ -240,6 +247,10 @@ def run_checks(ctx: dict, args, summary: dict) -> None:
     except RuntimeError as e:
         raise CheckFailed(f"the new model.pt does not load into the bundle's network: {e}") from e
     check(True, "the new model.pt loads strictly into the bundle's network_def")
+    # output_dir, where a training's difficulty passes write label_audit.csv (none in 1 epoch: E0 0, tau 10)
+    table = ctx["bundle"] / "eval" / "label_audit.csv"
+    events = [p for p in table.parent.glob("events.out.tfevents.*") if p.stat().st_mtime >= begin]
+    check(bool(events), "the training request's output_dir is <bundle>/eval (its TensorBoard events are there)")
     summary["training"] = {"labelled": len(labelled), "seconds": round(seconds, 1), "tensors_changed": changed}
 
     # 6. scoring and the strategy
@@ -267,6 +278,67 @@ def run_checks(ctx: dict, args, summary: dict) -> None:
     check(nxt.get("id") == best, f"the polyp_mi strategy serves the most uncertain image {best}")
     summary["scores"] = scores
     summary["next_image"] = nxt.get("id")
+
+    # 7. the label audit as scoring and strategy
+    summary["label_audit"] = check_label_audit(ctx, args, table, model_pt)
+
+
+def save_label(ctx: dict, args, frame: str) -> None:
+    """The frame's 0/1 PNG as its final label, through the datastore API, as a viewer saves it."""
+    with open(ctx["labels"] / f"{frame}.png", "rb") as f:
+        r = requests.put(f"{args.url}/datastore/label", params={"image": frame, "tag": "final"},
+                         files={"label": (f"{frame}.png", f, "image/png")}, timeout=60)
+    if not r.ok:
+        raise CheckFailed(f"PUT /datastore/label {frame} answered {r.status_code}: {r.text[:300]}")
+
+
+def check_label_audit(ctx: dict, args, table: Path, model_pt: Path) -> dict:
+    """Step 7: the label audit as scoring method and strategy."""
+    def score() -> dict:
+        return post(args, "/scoring/label_audit", params={"run_sync": "true"}, json={"device": "cpu"}).json()
+
+    def image_info(frame: str) -> dict:
+        return requests.get(f"{args.url}/datastore/image/info", params={"image": frame}, timeout=30).json()
+
+    before = [Path(r["image"]).stem for r in read_label_audit(table)] if table.is_file() else []
+    first = score()
+    check(first.get("audited") is True and first.get("executed") == len(ctx["labelled"]),
+          f"label_audit scoring ran the bundle's audit on all {len(ctx['labelled'])} labelled frames "
+          f"({first.get('latency')} s; before it, eval/label_audit.csv had {len(before)} rows)")
+    rows = read_label_audit(table)
+    ranked = [Path(r["image"]).stem for r in rows]  # most suspect first
+    suspicion = {Path(r["image"]).stem: r["suspicion"] for r in rows}
+    check(sorted(ranked) == sorted(ctx["labelled"]) and table.stat().st_mtime >= model_pt.stat().st_mtime,
+          f"eval/label_audit.csv now ranks every labelled frame, with the current model.pt; top {ranked[0]}")
+    model_ts = int(model_pt.stat().st_mtime)
+    info = {s: image_info(s) for s in ranked}
+    check(all(info[s].get("label_audit") == suspicion[s] and info[s].get("label_audit_ts") == model_ts
+              for s in ranked), "every labelled frame's label_audit is its suspicion in the table, with model.pt's ts")
+    check(score().get("executed") == 0, "a second label_audit scoring (same model, same labels) changes nothing")
+    written = table.stat().st_mtime
+    for s in ranked:  # as if the records came from an older model: the table is the newer audit
+        r = requests.put(f"{args.url}/datastore/image/info", params={"image": s},
+                         data={"info": json.dumps({"label_audit_ts": 0})}, timeout=30)
+        if not r.ok:
+            raise CheckFailed(f"PUT /datastore/image/info {s} answered {r.status_code}: {r.text[:300]}")
+    third = score()
+    check(third.get("audited") is False and third.get("executed") == len(ranked) and table.stat().st_mtime == written
+          and all(image_info(s).get("label_audit_ts") == model_ts for s in ranked),
+          "with older records, label_audit scoring reads the current eval/label_audit.csv without auditing again")
+
+    def serve(passed_over: set, what: str) -> str:
+        expected = next(s for s in ranked if s not in passed_over)  # a tie with it is as good
+        got = post(args, "/activelearning/label_audit", json={}).json().get("id")
+        check(got in suspicion and got not in passed_over and suspicion[got] == suspicion[expected],
+              f"the label_audit strategy serves {got}, {what} ({expected}, suspicion {suspicion[expected]:.4g})")
+        return got
+
+    first_served = serve(set(), "the top of the audit")
+    resaved = next(s for s in ranked if s != first_served)
+    save_label(ctx, args, resaved)  # as an annotator who fixed it
+    second_served = serve({first_served, resaved}, f"the next one: {first_served} served, {resaved} saved again")
+    return {"ranked": ranked, "suspicion": suspicion, "served": [first_served, second_served], "resaved": resaved,
+            "audited_on_first_scoring": first["audited"], "read_table_on_third": not third["audited"]}
 
 
 def main() -> int:
