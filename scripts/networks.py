@@ -1,5 +1,8 @@
 # Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
-"""The U-Net of the thesis (method.md §6), built from MONAI's BasicUNet blocks, with MC-dropout support."""
+"""
+The U-Net of the thesis (method.md §6) and a full-resolution U-Net for thin structures (tubular.md §3), both
+built from MONAI's BasicUNet blocks, with MC-dropout support.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
 from scripts.errors import InputError, is_int
 
-__all__ = ["DropoutUNet", "mc_dropout"]
+__all__ = ["DropoutUNet", "FullResolutionUNet", "mc_dropout"]
 
 
 class DropoutUNet(nn.Module):
@@ -90,14 +94,208 @@ class DropoutUNet(nn.Module):
         x5 = self.down4(x4)
         return [x1, x2, x3, x4, x5]
 
-    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """The stochastic part, from the first dropout layer to the logits."""
+    def decode_features(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """
+        The stochastic part up to the last decoder feature map F, ``(B, f0, H, W)``, exactly as the 1×1 conv
+        ``outc`` reads it: ``decode(feats) == outc(decode_features(feats))``; in eval mode, where dropout is the
+        identity, the output of ``up4``. For a later stage that needs F with the logits (one dropout draw for both).
+        """
         x1, x2, x3, x4, x5 = feats
         u = self.up1(self.dropout_enc(x5), x4)
         u = self.up2(u, x3)
         u = self.up3(u, x2)
         u = self.up4(u, x1)
-        return self.outc(self.dropout_dec(u))
+        return self.dropout_dec(u)
+
+    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The stochastic part, from the first dropout layer to the logits."""
+        # one return type (not a return_features flag): TorchScript export (ckpt_export) compiles this method
+        return self.outc(self.decode_features(feats))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def _pool_to(z: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """The full-resolution stream ``z`` max-pooled to ``size``, the spatial size of one scale's feature maps."""
+    h, w, sh, sw = z.shape[-2], z.shape[-1], size[0], size[1]
+    if h == sh and w == sw:
+        return z
+    if h % sh == 0 and w % sw == 0 and h // sh == w // sw:
+        # sizes that are multiples of 2^s: the windows of the U-Net's s successive 2×2 max poolings, in one call
+        return F.max_pool2d(z, h // sh)
+    # other sizes: the U-Net's poolings drop an odd last row/column; windows that cover the whole stream keep its
+    # edge pixels (a thin vessel may run along it), at the price of windows up to one pixel larger
+    return F.adaptive_max_pool2d(z, [sh, sw])
+
+
+def _up_to(y: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """``y`` upsampled bilinearly to ``size``; pixel-centre aligned (``align_corners=False``), so that each coarse
+    value lands on the block of full-resolution pixels it was pooled from."""
+    return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+
+
+class FullResolutionUNet(nn.Module):
+    """
+    A U-Net whose skips are joined by a full-resolution residual stream, with dropout where :class:`DropoutUNet`
+    has it, for Monte Carlo dropout: the thin-structure network of tubular.md §3 (seed 004's skip design; the role
+    FR-UNet plays in seed 003).
+
+    Two streams run through the network, as in the full-resolution residual units (FRRU) of FRRN (Pohlen et al.,
+    "Full-Resolution Residual Networks for Semantic Segmentation in Street Scenes", CVPR 2017): the *pooling
+    stream* is an ordinary U-Net of MONAI ``Down``/``UpCat`` blocks with bilinear upsampling and skip
+    connections, and the *residual stream* ``z``, f0 channels, stays at the input's resolution throughout. Every
+    block at a scale s >= 1, in the encoder and in the decoder, reads ``z`` max-pooled to its scale, concatenated
+    with its usual input, and writes back into it: its output, mapped to f0 channels by a 1×1 conv and upsampled
+    bilinearly to full size, is *added* to ``z``. Each scale thus reads what all the scales computed before it
+    left in the stream, and the last decoder block, ``up_full``, which concatenates ``z`` with its skip and the
+    upsampled decoder features, receives every scale's contribution on the input's pixel grid, where
+    one-pixel-wide vessels live, and not only through the chain of ×2 upsamplings. (FR-UNet, Liu et al. 2022,
+    reaches the same goal with HRNet-like parallel branches; this class keeps the U-Net of the polyp method and
+    adds FRRN's stream to it.)
+
+    With ``features = (f0, f1, ..., fd)``, depth d = ``len(features) - 1`` (default ``(32, 64, 128, 256)``, d = 3),
+    an input of H × W pixels (the size column gives H; W alike), the encoder outputs ``x_0`` (full resolution) and
+    ``y_1 .. y_d`` (``y_d`` the bottleneck), the decoder outputs ``u_{d-1} .. u_0``, k = 0 .. d-2:
+
+    ============================  ===============================================  =================  =====
+    block                         reads                                            output             size
+    ============================  ===============================================  =================  =====
+    ``inc`` (TwoConv)             the image                                        x_0 (f0); z = x_0  H
+    ``down[0]`` (Down)            x_0 (the stream is still x_0 there)              y_1 (f1)           H/2
+    ``down[s-1]`` (Down), s >= 2  [y_{s-1}, z pooled to y_{s-1}'s size]            y_s (f_s)          H/2^s
+    ``down_to_stream[s-1]``       y_s, s < d                                       f0, added to z     H
+    ``dropout_enc``               y_d, the bottleneck                              f_d                H/2^d
+    ``down_to_stream[d-1]``       the dropped y_d                                  f0, added to z     H
+    ``up[k]`` (UpCat), s = d-1-k  u_{s+1} (dropped y_d at k = 0), [y_s, z pooled]  u_s (f_s)          H/2^s
+    ``up_to_stream[k]``           u_s                                              f0, added to z     H
+    ``up_full`` (UpCat)           u_1 (dropped y_1 if d = 1), [x_0, z]             u_0 (f0)           H
+    ``dropout_dec``               u_0                                              F (f0)             H
+    ``outc`` (1×1 conv)           F                                                out_channels       H
+    ============================  ===============================================  =================  =====
+
+    TwoConv is (3×3 conv, BatchNorm, ReLU) × 2, as in :class:`DropoutUNet`; ``Down`` max-pools its input ×2
+    first, so the stream it reads is in effect pooled to its own scale; each ``UpCat`` upsamples bilinearly ×2 and
+    concatenates its skip with the stream pooled to the skip's size. The ``*_to_stream`` 1×1 convs have a bias and
+    no normalisation or activation: the stream is a plain sum of ``x_0`` and the scales' contributions (FRRN's
+    residual stream), and every convolution that reads it is followed by BatchNorm.
+
+    Dropout and the :meth:`encode`/:meth:`decode` split: ``dropout_enc`` sits on the bottleneck ``y_d`` and
+    ``dropout_dec`` on the tensor ``outc`` reads, as in :class:`DropoutUNet`. Everything before ``dropout_enc`` is
+    deterministic, so :meth:`encode` (all encoder convolutions) runs once per image and :meth:`decode` N times for N
+    Monte Carlo samples; ``forward(x) == decode(encode(x))``. ``dropout_enc`` acts on ``y_d`` *before both* of its
+    consumers, the decoder and ``down_to_stream[d-1]`` (the bottleneck's write into ``z``), so that, as in the polyp
+    U-Net where dropout follows the whole of ``down4``, no information leaves the bottleneck undropped. Moving that
+    write into :meth:`encode` (computed from the undropped ``y_d``) would save each sample only one 1×1 conv at
+    H/2^d and one upsampling and addition at full size, and would carry the deepest features to the last block
+    around the dropout, so the samples would vary less; a dropout any earlier would put encoder convolutions into
+    every sample.
+    ``dropout_dec`` makes every path to the output stochastic, the skips and the residual stream included.
+
+    The last decoder feature map F (what ``outc`` reads; in eval mode, where dropout is the identity, ``u_0``) is
+    ``decode_features(encode(x))``, and the logits of the same pass are ``outc(F)``: the refinement stage of
+    tubular.md §4 needs both. (A ``return_features`` flag on :meth:`decode` would give it two return types, which
+    TorchScript cannot compile; the class scripts, for the bundle's ``ckpt_export``.)
+
+    Args:
+        in_channels: input channels (3 for RGB fundus images).
+        out_channels: output channels (2: background and vessel logits).
+        features: the widths ``(f0, f1, ..., fd)`` of the full-resolution scale and of each scale below it, at
+            least two; f0 is also the width of the residual stream.
+        dropout: dropout probability p of the two dropout layers, in [0, 1).
+
+    Input ``(B, in_channels, H, W)`` with H, W >= 2^d; output ``(B, out_channels, H, W)`` logits. With H and W
+    multiples of 2^d every scale is exactly H/2^s and the stream is pooled with the U-Net's own windows; other
+    sizes work as in :class:`DropoutUNet` (the poolings drop an odd last row or column and ``UpCat`` pads it back)
+    and the stream is pooled adaptively to each scale's size and upsampled to exactly H × W.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 2,
+        features: Sequence[int] = (32, 64, 128, 256),
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if not isinstance(features, Sequence) or len(features) < 2 or not all(is_int(f, 1) for f in features):
+            raise InputError(f"--features must be a list of at least two positive integers, the widths of the "
+                             f'full-resolution scale and of each scale below it, e.g. "[32,64,128,256]", '
+                             f"got {features!r} ({type(features).__name__}).")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise InputError(f"--dropout must be a number in [0.0, 1.0), got {dropout!r} ({type(dropout).__name__}).")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not is_int(value, 1):
+                raise InputError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
+        f = tuple(int(v) for v in features)
+        depth = len(f) - 1
+        spatial_dims = 2
+        conv = {"act": "relu", "norm": "batch", "bias": False, "dropout": None}  # None: no identity Dropout(0)
+        up = {"upsample": "nontrainable", "pre_conv": None, "interp_mode": "bilinear", "align_corners": True}
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.features = f
+        c = f[0]  # the residual stream's width
+        self.inc = TwoConv(spatial_dims, self.in_channels, c, **conv)
+        # down[0] reads x_0 alone: the stream is x_0 itself until the first scale writes into it
+        self.down = nn.ModuleList(
+            Down(spatial_dims, f[s - 1] + (c if s > 1 else 0), f[s], **conv) for s in range(1, depth + 1)
+        )
+        self.down_to_stream = nn.ModuleList(nn.Conv2d(f[s], c, kernel_size=1) for s in range(1, depth + 1))
+        self.dropout_enc = nn.Dropout(dropout)
+        self.up = nn.ModuleList(UpCat(spatial_dims, f[s + 1], f[s] + c, f[s], **conv, **up)
+                                for s in reversed(range(1, depth)))
+        self.up_to_stream = nn.ModuleList(nn.Conv2d(f[s], c, kernel_size=1) for s in reversed(range(1, depth)))
+        # scale 0 on its own, not as up[-1]: it only reads the stream, and TorchScript can zip whole ModuleLists only
+        self.up_full = UpCat(spatial_dims, f[1], f[0] + c, f[0], **conv, **up)
+        self.dropout_dec = nn.Dropout(dropout)
+        self.outc = nn.Conv2d(c, self.out_channels, kernel_size=1)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """
+        The deterministic part: ``[x_0, y_1, ..., y_{d-1}, y_d, z]``, the skips (full resolution first), the
+        bottleneck ``y_d`` (not yet dropped out) and the residual stream ``z`` after the writes of scales 1 .. d-1.
+        """
+        depth = len(self.down)
+        min_size = 1 << depth  # 2^d; `2**d` is a float in TorchScript
+        if x.dim() != 4 or x.shape[-2] < min_size or x.shape[-1] < min_size:
+            raise ValueError(f"FullResolutionUNet with {depth + 1} features needs input (B, C, H, W) with "
+                             f"H, W >= {min_size}, got {list(x.shape)}.")
+        x0 = self.inc(x)
+        feats = [x0]
+        z = x0
+        # zip pairs the ModuleLists: TorchScript indexes a ModuleList only by a literal
+        for s, (down, to_stream) in enumerate(zip(self.down, self.down_to_stream)):
+            prev = feats[-1]
+            y = down(prev if s == 0 else torch.cat([prev, _pool_to(z, prev.shape[-2:])], dim=1))
+            feats.append(y)
+            if s < depth - 1:  # the bottleneck writes into z in decode, after dropout_enc
+                z = z + _up_to(to_stream(y), z.shape[-2:])
+        feats.append(z)
+        return feats
+
+    def decode_features(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """
+        The stochastic part, from ``dropout_enc`` up to the last decoder feature map F, ``(B, f0, H, W)``, exactly
+        as the 1×1 conv ``outc`` reads it: ``decode(feats) == outc(decode_features(feats))``; in eval mode, where
+        dropout is the identity, the output of ``up_full``.
+        """
+        depth = len(self.down)
+        y, z = feats[depth], feats[depth + 1]
+        u = self.dropout_enc(y)
+        # out of place throughout: feats may be reused (the MC pass decodes copies of them, chunk after chunk)
+        z = z + _up_to(self.down_to_stream[-1](u), z.shape[-2:])
+        for k, (up, to_stream) in enumerate(zip(self.up, self.up_to_stream)):  # scales d-1 .. 1
+            skip = feats[depth - 1 - k]
+            u = up(u, torch.cat([skip, _pool_to(z, skip.shape[-2:])], dim=1))
+            z = z + _up_to(to_stream(u), z.shape[-2:])
+        u = self.up_full(u, torch.cat([feats[0], z], dim=1))
+        return self.dropout_dec(u)
+
+    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The stochastic part, from ``dropout_enc`` to the logits ``(B, out_channels, H, W)``."""
+        # one return type (not a return_features flag): TorchScript export (ckpt_export) compiles this method
+        return self.outc(self.decode_features(feats))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

@@ -4,46 +4,135 @@ Build the bundle's ``datalist.json`` from a folder of images and a folder of mas
 
     python -m scripts.prepare_data --images DIR --masks DIR --output DIR [--split-file FILE] [--seed N]
     python -m scripts.prepare_data --root Kvasir-SEG --output DIR        # official layouts, found by name
+    python -m scripts.prepare_data --root DRIVE --output DIR             # also CHASE_DB1: official split, FOV masks
     python -m scripts.prepare_data --demo --output DIR
 
 Images and masks are paired by file stem and every pair is read once, so that a corrupt file, a mask of the
 wrong size or an image without a mask stops here, naming the file, instead of in the middle of training.
 Masks without an image are left out and listed as warnings. Every failure ends with one line, ``error: ...``,
 and exit status 2.
+
+The retinal vessel sets are taken as released, with their official test images and a field of view per image
+(``fov`` in the datalist): DRIVE's shipped masks, and for CHASE_DB1, which ships none, masks derived from the
+image (``scripts.data.field_of_view``) and written to ``OUTPUT/fov``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from scripts.data import (
+    FOV_LEVEL,
     LABEL_INDEX_MAX,
+    PILTiffReader,
     check_pairs,
+    field_of_view,
     find_pairs,
     split_pairs,
     unpaired_masks,
     write_datalist,
 )
 from scripts.errors import InputError
-from scripts.files import check_output_dir
+from scripts.files import atomic_path, check_output_dir
 
 # (images, masks) sub-folders of the official releases and of this bundle's demo set, tried in order.
 KNOWN_LAYOUTS = (("images", "masks"), ("Original", "Ground Truth"), ("original", "ground truth"))
+# CHASE_DB1 as released, one folder: Image_01L.jpg (child 01, left eye), the first observer's Image_01L_1stHO.png
+# (the usual ground truth) and the second's Image_01L_2ndHO.png; the usual protocol tests on children 11-14
+CHASE_ID = r"Image_\d+[LR]"
+CHASE_FIRST_TEST_CHILD = 11
+FOV_RULE = (f"derived from the image (scripts.data.field_of_view): brightest channel > {FOV_LEVEL}, largest connected "
+            "component, holes filled, no erosion")
 
 
-def find_layout(root: Path) -> tuple[Path, Path]:
-    """The (images, masks) folders of a data set root laid out as an official release."""
+@dataclass
+class Layout:
+    """
+    A data set as found on disk: the :func:`find_pairs` arguments of each of its parts (DRIVE has two: training/
+    and test/), which images its official split tests (None: no official split; the seeded fractions apply),
+    the subject of each image (kept on one side of a split) and whether fields of view must be derived.
+    """
+
+    name: str
+    parts: list[dict] = field(default_factory=list)
+    is_test: Callable[[Path], bool] | None = None
+    group: Callable[[Path], Hashable] | None = None
+    derive_fov: bool = False
+
+
+def find_layout(root: Path) -> Layout:
+    """The layout of a data set root laid out as an official release: DRIVE, CHASE_DB1 or a polyp set."""
+    if (root / "training" / "images").is_dir() and (root / "training" / "1st_manual").is_dir():
+        return Layout("DRIVE", [_drive_part(root, part) for part in ("training", "test")],
+                      is_test=lambda image: image.parent.parent.name == "test")
+    if any(re.fullmatch(CHASE_ID + "_1stHO", p.stem) for p in root.glob("Image_*") if p.is_file()):
+        names = {"image": "{id}", "label": "{id}_1stHO", "label_2nd": "{id}_2ndHO"}
+        child = lambda image: int(re.search(r"\d+", image.stem)[0])  # noqa: E731
+        return Layout("CHASE_DB1", [{"images_dir": root, "masks_dir": root, "names": names,
+                                     "extra": {"label_2nd": root}, "id_pattern": CHASE_ID}],
+                      is_test=lambda image: child(image) >= CHASE_FIRST_TEST_CHILD, group=child, derive_fov=True)
     for images, masks in KNOWN_LAYOUTS:
         if (root / images).is_dir() and (root / masks).is_dir():
-            return root / images, root / masks
+            return Layout(f"{images} + {masks}", [{"images_dir": root / images, "masks_dir": root / masks}])
     expected = " or ".join(f"'{i}' + '{m}'" for i, m in KNOWN_LAYOUTS[:2])
-    raise FileNotFoundError(f"{root} holds none of the known layouts ({expected}); pass --images and --masks.")
+    raise FileNotFoundError(f"{root} holds none of the known layouts ({expected}, DRIVE's training/ + test/, "
+                            "CHASE_DB1's Image_NNx.jpg + Image_NNx_1stHO.png); pass --images and --masks.")
+
+
+def _drive_part(root: Path, part: str) -> dict:
+    """
+    The :func:`find_pairs` arguments of DRIVE's ``training`` or ``test`` folder: images/NN_<part>.tif with
+    1st_manual/NN_manual1.gif (the ground truth), mask/NN_<part>_mask.gif (the field of view, shipped) and,
+    where the release has it (test/ only), 2nd_manual/NN_manual2.gif.
+    """
+    folder = root / part
+    names = {"image": f"{{id}}_{part}", "label": "{id}_manual1", "fov": f"{{id}}_{part}_mask"}
+    extra = {"fov": folder / "mask"}
+    if (folder / "2nd_manual").is_dir():
+        names["label_2nd"], extra["label_2nd"] = "{id}_manual2", folder / "2nd_manual"
+    return {"images_dir": folder / "images", "masks_dir": folder / "1st_manual", "names": names, "extra": extra}
+
+
+def write_fov_masks(pairs: list[dict], output: Path) -> None:
+    """
+    Derive the field of view of every pair's image (:func:`~scripts.data.field_of_view`), write it as a 0/255 PNG
+    to ``output/fov/<image stem>_fov.png`` (atomically: never half a file) and add it to the pair as ``fov``.
+    Into the output folder, never beside the data: the data may be read-only or shared.
+    """
+    reader = PILTiffReader(mode="RGB")
+    for pair in pairs:
+        image, _ = reader.get_data(reader.read(str(pair["image"])))  # an unreadable image: the reader's InputError
+        fov = field_of_view(image)  # (W, H): PIL axes
+        pair["fov"] = output / "fov" / f"{pair['image'].stem}_fov.png"
+        with atomic_path(pair["fov"]) as tmp:
+            Image.fromarray(fov.T.astype(np.uint8) * 255).save(tmp, format="PNG")
+
+
+def split_layout(layout: Layout, pairs: list[dict], seed: int = 0, test_fraction: float = 0.2,
+                 val_fraction: float = 0.1, split_file: Path | None = None) -> dict[str, list]:
+    """
+    :func:`~scripts.data.split_pairs` for ``layout``: the test images named in ``split_file``, else the layout's
+    official test images, else a seeded ``test_fraction``; the seeded ``val_fraction`` of the rest validates,
+    drawn by subject where the layout knows them (CHASE_DB1: a child's two eyes stay together).
+    """
+    test_names = None
+    if split_file is not None:
+        if not split_file.is_file():
+            raise FileNotFoundError(f"split file {split_file} does not exist.")
+        test_names = split_file.read_text().splitlines()
+    elif layout.is_test is not None:
+        test_names = [p["image"].name for p in pairs if layout.is_test(p["image"])]
+    groups = [layout.group(p["image"]) for p in pairs] if layout.group is not None else None
+    return split_pairs(pairs, seed, test_fraction, val_fraction, test_names, groups)
 
 
 def check_output(output: Path) -> None:
@@ -100,14 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.prepare_data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="folder of frames (jpg, png, tif, bmp)")
-    source.add_argument("--root", type=Path, help="a data set root with images/masks or Original/Ground Truth")
+    source.add_argument("--images", type=Path, help="folder of frames (jpg, png, tif, bmp, gif)")
+    source.add_argument("--root", type=Path, help="a data set root with images/masks or Original/Ground Truth, "
+                                                  "or DRIVE or CHASE_DB1 as released")
     source.add_argument("--demo", action="store_true", help="generate the synthetic demo set into OUTPUT")
     parser.add_argument("--masks", type=Path, help="folder of masks, paired with the frames by file stem")
     parser.add_argument("--output", type=Path, required=True, help="where datalist.json is written")
-    parser.add_argument("--split-file", type=Path, help="file naming the test images, one per line")
+    parser.add_argument("--split-file", type=Path, help="file naming the test images, one per line (replaces the "
+                                                        "official test images of DRIVE and CHASE_DB1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation(/test) split")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="without --split-file (default 0.2)")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="without --split-file or an official split (default 0.2)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="of the non-test images (default 0.1)")
     parser.add_argument("--num-demo", type=int, default=60, help="number of demo images (default 60)")
     args = parser.parse_args(argv)
@@ -120,26 +212,29 @@ def main(argv: list[str] | None = None) -> int:
         check_output(args.output)
         if args.demo:
             images, masks = make_demo_dataset(args.output, num_images=args.num_demo, seed=args.seed)
+            layout = Layout("demo", [{"images_dir": images, "masks_dir": masks}])
         elif args.root is not None:
-            images, masks = find_layout(args.root)
+            layout = find_layout(args.root)
         else:
-            images, masks = args.images, args.masks
-        pairs = find_pairs(images, masks)
-        no_image = unpaired_masks(images, masks)
+            layout = Layout("folders", [{"images_dir": args.images, "masks_dir": args.masks}])
+        pairs = [pair for part in layout.parts for pair in find_pairs(**part)]
+        no_image = [(mask, part["images_dir"]) for part in layout.parts for mask in unpaired_masks(**part)]
+        if layout.derive_fov:
+            write_fov_masks(pairs, args.output)
         summary = check_pairs(pairs)
-        test_names = None
-        if args.split_file is not None:
-            if not args.split_file.is_file():
-                raise FileNotFoundError(f"split file {args.split_file} does not exist.")
-            test_names = args.split_file.read_text().splitlines()
-        splits = split_pairs(pairs, args.seed, args.test_fraction, args.val_fraction, test_names)
+        splits = split_layout(layout, pairs, args.seed, args.test_fraction, args.val_fraction, args.split_file)
+        folders = lambda key: [str(Path(part[key]).resolve()) for part in layout.parts]  # noqa: E731
         summary.update(
-            masks_without_image=[str(p) for p in no_image], images_dir=str(Path(images).resolve()),
-            masks_dir=str(Path(masks).resolve()), seed=args.seed,
+            layout=layout.name, masks_without_image=[str(p) for p, _ in no_image],
+            images_dir=folders("images_dir") if len(layout.parts) > 1 else folders("images_dir")[0],
+            masks_dir=folders("masks_dir") if len(layout.parts) > 1 else folders("masks_dir")[0], seed=args.seed,
             split_file=str(args.split_file) if args.split_file else None,
+            official_split=layout.is_test is not None and args.split_file is None,
             binarisation=f"max over non-alpha channels; lossless masks with max <= {LABEL_INDEX_MAX}: non-zero; "
                          "otherwise > half of full scale (1, 255 or 65535)",
         )
+        if "fov" in pairs[0]:
+            summary["fov"] = FOV_RULE if layout.derive_fov else "shipped with the data set"
         path = write_datalist(splits, args.output, summary)
     except (OSError, ValueError) as e:  # InputError is a ValueError
         log.error(f"error: {e}")
@@ -149,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{summary['masks_not_exactly_binary']} masks not exactly binary (binarised), "
              f"{summary['label_index_masks']} of them label-index masks (non-zero = foreground); "
              f"{len(summary['empty_masks'])} empty masks; {len(no_image)} masks without an image (left out)")
+    if "fov" in summary:
+        log.info(f"fields of view: {summary['fov']}; {100 * summary['label_outside_fov']:.2f} % of the masks' "
+                 "foreground lies outside them")
     for name in summary["empty_masks"]:
         log.warning(f"warning: mask {name} has no foreground pixel (kept: Dice-type losses treat it as empty)")
-    for name in summary["masks_without_image"]:
+    for name, images in no_image:
         log.warning(f"warning: mask {name} has no image of the same stem in {images} (left out)")
     return 0
 

@@ -17,6 +17,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("POLYP_SHARED_DATA", BUNDLE_ROOT.parent / "shared" / "data"))
 KVASIR = SHARED_DATA / "kvasir-seg"
 CVC = SHARED_DATA / "cvc-clinicdb-sample"
+CHASE = SHARED_DATA / "chase-db1"
 # small enough for a 2-core CPU: one epoch over the 60-image demo set takes about a second
 TINY = ["--image_size", "32", "--features", "[4,8,8,16,16]", "--batch_size", "8", "--num_workers", "0"]
 TINY_OVERRIDES = {"image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 8, "num_workers": 0}

@@ -1,0 +1,258 @@
+# Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
+"""
+The vessel metrics of docs/tubular.md §1 as MONAI metrics: per image, inside the field of view (FOV).
+
+Inputs, as MONAI's ``DiceMetric`` takes them: ``y_pred`` and ``y`` batch-first (B, C, H, W) tensors or lists of
+channel-first (C, H, W) ones (2-D only), binary (0/1) one-hot masks (C = 2: background, foreground, as the bundle's
+``AsDiscreted(argmax, to_onehot=2)`` makes them) or single-channel foreground masks. ``include_background=False``
+drops channel 0 of an input with C > 1 (``monai.metrics.utils.ignore_background``), so a one-hot input can meet a
+single-channel one. ``mask`` is the FOV, (B, 1, H, W) or a list of (1, H, W), inside where > 0.5; None: the whole
+image. Each metric buffers a (B, C) float64 tensor, one value per image and class, NaN where undefined, and
+``aggregate`` reduces the non-NaN values as ``DiceMetric`` does (``reduction``, ``get_not_nans``).
+
+How the FOV restricts a metric:
+
+- Topology (clDice, component ratio, Betti errors): both masks are cut to the FOV (pixels outside it are
+  background) before skeletons and components are taken; skimage's 8-connected foreground, 4-connected background.
+- Confusion-matrix metrics and AUC count only the pixels inside the FOV: specificity, accuracy and AUC would move
+  with the number of outside pixels if these were only zeroed. Dice inside the FOV is Dice of the masks zeroed
+  outside it (outside pixels add nothing to |P ∩ G|, |P| or |G|): ``"f1 score"`` here, or MONAI's ``DiceMetric``
+  on zeroed masks, which differ only when the label is empty (f1: NaN if P is empty too, else 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric, compute_roc_auc, get_confusion_matrix
+from monai.metrics.confusion_matrix import check_confusion_matrix_metric_name
+from monai.metrics.utils import do_metric_reduction, ignore_background
+from monai.utils import MetricReduction, ensure_tuple
+
+from scripts.errors import InputError, check_choice, check_int
+
+__all__ = ["betti_numbers", "count_components", "FieldOfViewMetric", "ClDiceMetric", "ComponentRatioMetric",
+           "BettiErrorMetric", "FieldOfViewConfusionMatrixMetric", "FieldOfViewROCAUCMetric"]
+
+REDUCTIONS = tuple(r.value for r in MetricReduction)
+
+
+def betti_numbers(x: np.ndarray) -> tuple[int, int]:
+    """
+    (β0, β1) of the 2-D binary image ``x``: its 8-connected foreground components and its holes (4-connected
+    background components not reaching the border). skimage's Euler number with ``connectivity=2`` is β0 − β1 for
+    exactly this pair of connectivities (it pads with background, so the border encloses no hole).
+    """
+    from skimage.measure import euler_number
+
+    b0 = count_components(x)
+    return b0, b0 - int(euler_number(x, connectivity=2))
+
+
+def count_components(x: np.ndarray) -> int:
+    """The number of 8-connected foreground components of the 2-D binary image ``x``."""
+    # scikit-image, optional to MONAI, only where a topology metric runs: every config imports scripts.handlers
+    from skimage.measure import label
+
+    return int(label(x, connectivity=2, return_num=True)[1])
+
+
+def _fov_inputs(y_pred: torch.Tensor, y: torch.Tensor, mask, include_background: bool):
+    """``y_pred``, ``y`` without background (if so asked) and the FOV as a (B, 1, H, W) bool tensor."""
+    if y_pred.ndim != 4 or y.ndim != 4:
+        raise ValueError(f"y_pred and y must be (B, C, H, W), got {tuple(y_pred.shape)} and {tuple(y.shape)}.")
+    if not include_background:
+        y_pred, y = ignore_background(y_pred, y)
+    if y_pred.shape != y.shape:
+        raise ValueError(f"y_pred and y must have the same shape, got {tuple(y_pred.shape)} and {tuple(y.shape)}.")
+    if mask is None:
+        return y_pred, y, torch.ones_like(y[:, :1], dtype=torch.bool)
+    mask = torch.stack(list(mask)) if isinstance(mask, (list, tuple)) else torch.as_tensor(mask)
+    if mask.shape != (y.shape[0], 1, *y.shape[2:]):
+        raise ValueError(f"the FOV mask must be (B, 1, H, W) = {(y.shape[0], 1, *y.shape[2:])}, got "
+                         f"{tuple(mask.shape)}.")
+    return y_pred, y, mask.to(y.device) > 0.5
+
+
+def _check_binary(x: torch.Tensor, name: str, metric: str) -> None:
+    # a probability map passed by mistake (the pred before AsDiscreted) would otherwise give plausible numbers
+    if not ((x == 0) | (x == 1)).all():
+        raise InputError(f"{metric}: {name} must be a binary (0/1) mask, got other values; give the handler's "
+                         "output_transform the discrete masks (after AsDiscreted), not probabilities.")
+
+
+def _each_image(self, y_pred, y=None, mask=None) -> torch.Tensor:
+    """``_compute_list`` of the FOV metrics: MONAI hands every item of a list the same kwargs, so the mask too."""
+    masks = [None] * len(y_pred) if mask is None else list(mask)
+    if y is None or not len(y_pred) == len(y) == len(masks):
+        raise ValueError("y_pred, y and the FOV mask must be lists of the same length.")
+    return torch.cat([self._compute_tensor(p.detach()[None], g.detach()[None], None if m is None else m[None])
+                      for p, g, m in zip(y_pred, y, masks)])
+
+
+class FieldOfViewMetric(CumulativeIterationMetric):
+    """
+    A score of each image and class of binary (or, with ``binary_pred = False``, probability) ``y_pred`` against
+    binary ``y`` inside the FOV, (B, C) float64, aggregated over the non-NaN scores as ``DiceMetric`` aggregates.
+    Subclasses give ``_score(p, g, inside)`` of one image and class, numpy (H, W) arrays (``g``, ``inside`` bool).
+
+    Args:
+        include_background: whether to score channel 0 of a multi-channel input.
+        reduction: ``monai.utils.MetricReduction`` of :meth:`aggregate`, over the non-NaN scores.
+        get_not_nans: whether :meth:`aggregate` also returns the count of non-NaN scores.
+    """
+
+    binary_pred = True
+
+    def __init__(self, include_background: bool = True, reduction: MetricReduction | str = MetricReduction.MEAN,
+                 get_not_nans: bool = False) -> None:
+        super().__init__()
+        self.include_background, self.get_not_nans = include_background, get_not_nans
+        self.reduction = check_choice(reduction, f"{type(self).__name__} reduction", REDUCTIONS)
+
+    _compute_list = _each_image
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, mask=None) -> torch.Tensor:
+        y_pred, y, inside = _fov_inputs(y_pred, y, mask, self.include_background)
+        _check_binary(y, "y", type(self).__name__)
+        if self.binary_pred:
+            _check_binary(y_pred, "y_pred", type(self).__name__)
+        p = (y_pred > 0.5).cpu().numpy() if self.binary_pred else y_pred.cpu().numpy().astype(np.float64)
+        g, inside = (y > 0.5).cpu().numpy(), inside.cpu().numpy()
+        scores = [[self._score(p[b, c], g[b, c], inside[b, 0]) for c in range(p.shape[1])] for b in range(len(p))]
+        return torch.tensor(scores, dtype=torch.float64, device=y.device).reshape(p.shape[:2])
+
+    def _score(self, p: np.ndarray, g: np.ndarray, inside: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def aggregate(self, reduction: MetricReduction | str | None = None):
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError(f"the data to aggregate must be a PyTorch Tensor, got {type(data)}.")
+        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
+        return (f, not_nans) if self.get_not_nans else f
+
+
+class ClDiceMetric(FieldOfViewMetric):
+    """
+    clDice (Shit et al., CVPR 2021) with the hard one-pixel skeleton S of ``skimage.morphology.skeletonize`` (the
+    paper's definition; MONAI's ``SoftclDiceLoss`` and seed 003's numbers use a soft max-pool skeleton), masks cut
+    to the FOV::
+
+        Tprec = |S(P) ∩ G| / |S(P)|,  Tsens = |S(G) ∩ P| / |S(G)|,  clDice = 2 Tprec Tsens / (Tprec + Tsens)
+
+    Empty cases as ``DiceMetric``'s: G empty gives NaN with ``ignore_empty`` (skipped by :meth:`aggregate`), else
+    1 if P is empty too and 0 if not. G not empty and P empty, or Tprec = Tsens = 0: 0. (A skeleton is empty only
+    for an empty mask: skeletonize keeps a pixel of every component.)
+
+    Args:
+        ignore_empty: NaN for an image with an empty label (inside the FOV), as ``DiceMetric``'s default.
+        include_background, reduction, get_not_nans: as :class:`FieldOfViewMetric`.
+    """
+
+    def __init__(self, include_background: bool = True, reduction: MetricReduction | str = MetricReduction.MEAN,
+                 get_not_nans: bool = False, ignore_empty: bool = True) -> None:
+        super().__init__(include_background, reduction, get_not_nans)
+        self.ignore_empty = ignore_empty
+
+    def _score(self, p: np.ndarray, g: np.ndarray, inside: np.ndarray) -> float:
+        p, g = p & inside, g & inside
+        if not g.any():
+            return float("nan") if self.ignore_empty else float(not p.any())
+        if not p.any():
+            return 0.0
+        from skimage.morphology import skeletonize
+
+        sp, sg = skeletonize(p), skeletonize(g)
+        t_prec, t_sens = (sp & g).sum() / sp.sum(), (sg & p).sum() / sg.sum()
+        return 0.0 if t_prec + t_sens == 0 else float(2 * t_prec * t_sens / (t_prec + t_sens))
+
+
+class ComponentRatioMetric(FieldOfViewMetric):
+    """
+    VCA, seed 003's continuity score (lower is better; 1 when P has as many pieces as G): the number of
+    8-connected components of P over that of G, masks cut to the FOV. NaN when G has no component (the ratio is
+    undefined; :meth:`aggregate` skips it). An empty P scores 0: read it next to Dice or clDice.
+
+    Args: as :class:`FieldOfViewMetric`.
+    """
+
+    def _score(self, p: np.ndarray, g: np.ndarray, inside: np.ndarray) -> float:
+        count_g = count_components(g & inside)
+        return float("nan") if count_g == 0 else count_components(p & inside) / count_g
+
+
+class BettiErrorMetric(FieldOfViewMetric):
+    """
+    The Betti error of one dimension, ``|βk(P) − βk(G)|``, masks cut to the FOV (:func:`betti_numbers`): k = 0
+    counts 8-connected components, k = 1 holes (4-connected background). Always defined (0 for two empty masks).
+    One dimension per metric, as a handler records one number and ``MetricsSaver`` one (images, classes) table.
+
+    Args:
+        dimension: k, 0 or 1.
+        include_background, reduction, get_not_nans: as :class:`FieldOfViewMetric`.
+    """
+
+    def __init__(self, dimension: int = 0, include_background: bool = True,
+                 reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
+        super().__init__(include_background, reduction, get_not_nans)
+        self.dimension = check_choice(check_int(dimension, "BettiErrorMetric dimension"), "BettiErrorMetric dimension",
+                                      (0, 1))
+
+    def _score(self, p: np.ndarray, g: np.ndarray, inside: np.ndarray) -> float:
+        return float(abs(betti_numbers(p & inside)[self.dimension] - betti_numbers(g & inside)[self.dimension]))
+
+
+class FieldOfViewROCAUCMetric(FieldOfViewMetric):
+    """
+    Area under the ROC curve of each image and class over the pixels inside the FOV: MONAI's ``compute_roc_auc``
+    (ties count one half: the Mann–Whitney U over |pos|·|neg|) on those pixels. NaN, with MONAI's warning, when
+    they hold one class only (an empty label).
+
+    ``y_pred`` is a score that ranks pixels as the foreground probability does: the softmax (B, 2, H, W) with
+    ``include_background=False``, or its foreground channel (B, 1, H, W) -- not the logits of one channel, nor the
+    discrete ``pred``. ``y`` is binary, one-hot or single-channel, as for the other metrics.
+
+    Args: as :class:`FieldOfViewMetric`.
+    """
+
+    binary_pred = False
+
+    def _score(self, p: np.ndarray, g: np.ndarray, inside: np.ndarray) -> float:
+        return float(compute_roc_auc(torch.from_numpy(p[inside]), torch.from_numpy(g[inside].astype(np.float64))))
+
+
+class FieldOfViewConfusionMatrixMetric(ConfusionMatrixMetric):
+    """
+    MONAI's ``ConfusionMatrixMetric`` counting only the pixels inside the FOV: (B, C, 4) counts ``[tp, fp, tn,
+    fn]`` of ``get_confusion_matrix`` on each image's FOV pixels, with MONAI's ``aggregate`` (``compute_sample``
+    for the mean of per-image values). Sensitivity tp / (tp + fn), specificity tn / (tn + fp), accuracy
+    (tp + tn) / |FOV|, f1 (= Dice inside the FOV) 2 tp / (2 tp + fp + fn); NaN where a denominator is 0.
+
+    Args: those of ``monai.metrics.ConfusionMatrixMetric``; binary ``y_pred`` and ``y`` as the module says.
+    """
+
+    def __init__(self, include_background: bool = True, metric_name: Sequence[str] | str = "hit_rate",
+                 compute_sample: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN,
+                 get_not_nans: bool = False) -> None:
+        for name in ensure_tuple(metric_name):
+            try:
+                check_confusion_matrix_metric_name(str(name))
+            except NotImplementedError:
+                raise InputError(f"FieldOfViewConfusionMatrixMetric metric_name {name!r} is none of MONAI's "
+                                 "confusion-matrix metrics (sensitivity, specificity, accuracy, f1 score, ...)."
+                                 ) from None
+        check_choice(reduction, "FieldOfViewConfusionMatrixMetric reduction", REDUCTIONS)
+        super().__init__(include_background, metric_name, compute_sample, reduction, get_not_nans)
+
+    _compute_list = _each_image
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, mask=None) -> torch.Tensor:
+        y_pred, y, inside = _fov_inputs(y_pred, y, mask, self.include_background)
+        _check_binary(y_pred, "y_pred", type(self).__name__)
+        _check_binary(y, "y", type(self).__name__)
+        # (1, C, pixels inside) per image: the FOVs of a batch differ in size
+        return torch.cat([get_confusion_matrix(p[:, m[0]][None], g[:, m[0]][None])
+                          for p, g, m in zip(y_pred, y, inside)])
