@@ -13,7 +13,8 @@ ranked by
 
 where ``q_D`` in [0, 1] is the image's rank of D among the pass's images (0 for the lowest D, ties averaged): a
 rank, not D itself, because D has no fixed scale across datasets and epochs. An erased label (empty, so D = 0 by
-the ``zero`` rule and Dice 0 against a non-empty prediction) scores 1, the top.
+the ``zero`` rule, and Dice 0 against a non-empty prediction) scores 1 (a little less when several share D = 0 and
+so their averaged rank), the top; unless the model predicts nothing there either, when nothing contradicts it.
 
 The training run rewrites ``label_audit.csv`` after every pass (:class:`scripts.handlers.DifficultyHistory`) and
 draws ``figures/label_audit.png`` at its end; ``configs/audit.yaml`` does both for a trained ``model.pt``

@@ -215,25 +215,24 @@ def plot_label_audit(map_file: str | Path, audit_csv: str | Path, out_png: str |
     panels.sort(key=lambda p: p[0]["rank"] if p[0] else float("inf"))
     height, width = panels[0][1].shape[:2]
     scale = 2.2 / max(height, width)
-    fig = Figure(figsize=(4 * width * scale + 0.6, len(panels) * (height * scale + 0.3) + 0.8), layout="constrained")
-    axes = np.asarray(fig.subplots(len(panels), 4, squeeze=False))
+    fig = Figure(figsize=(4 * width * scale + 1.0, len(panels) * (height * scale + 0.5) + 0.6), layout="constrained")
     _, _, cmap, (vmin, vmax) = _MAPS[3]
-    for r, (row, frame, label, mean, mi) in enumerate(panels):
-        for c, (picture, outline, colour) in enumerate(((frame, None, None), (frame, label, "lime"),
-                                                        (frame, mean, "red"))):
-            axes[r, c].imshow(picture)
+    # one subfigure a row, so that each row's title gets its own space instead of overlapping the row above
+    for row_figure, (row, frame, label, mean, mi) in zip(np.atleast_1d(fig.subfigures(len(panels), 1)), panels):
+        axes = row_figure.subplots(1, 4)
+        for ax, (outline, colour) in zip(axes, ((None, None), (label, "lime"), (mean, "red"))):
+            ax.imshow(frame)
             if outline is not None and outline.min() < 0.5 < outline.max():
-                axes[r, c].contour(outline, levels=[0.5], colors=colour, linewidths=1.0)
-        im = axes[r, 3].imshow(mi, cmap=cmap, vmin=vmin, vmax=vmax)
-        title = (f"#{row['rank']} {Path(row['image']).name}: suspicion {row['suspicion']:.2f}, "
-                 f"1 − Dice {row['dice_error']:.2f}, D {row['D']:.3g}" if row else "not in the audit table")
-        axes[r, 0].set_title(title, fontsize=8, loc="left")
-    fig.colorbar(im, ax=list(axes[:, 3]), location="bottom", shrink=0.9)
-    for c, title in enumerate(("frame", "label (green)", "mean prediction (red)", "mutual information (nats)")):
-        axes[-1, c].set_xlabel(title, fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+                ax.contour(outline, levels=[0.5], colors=colour, linewidths=1.0)
+        im = axes[3].imshow(mi, cmap=cmap, vmin=vmin, vmax=vmax)
+        row_figure.colorbar(im, ax=axes[3], shrink=0.8)
+        for ax, title in zip(axes, ("frame", "label (green)", "mean prediction (red)", "mutual information (nats)")):
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row_figure.suptitle(f"#{row['rank']} {Path(row['image']).name}: suspicion {row['suspicion']:.2f}, "
+                            f"1 − Dice {row['dice_error']:.2f}, D {row['D']:.3g}" if row else "not in the audit table",
+                            fontsize=9, x=0.01, ha="left")
     fig.suptitle("labels to review first: the model is sure, and far from the label", fontsize=10)
     return _save(fig, out_png)
 
