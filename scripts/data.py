@@ -23,7 +23,7 @@ from monai.transforms import MapTransform
 from monai.utils import ensure_tuple
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from scripts.errors import InputError
+from scripts.errors import InputError, check_int
 from scripts.files import atomic_write
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "MASK_KEYS",
     "FOV_LEVEL",
     "PILTiffReader",
+    "check_patch_size",
     "BinarizeMaskd",
     "binarize_mask",
     "is_lossless",
@@ -193,6 +194,24 @@ def _header_size(path) -> tuple[int, int]:
         # Image.getexif, not PngImageFile.getexif: that one decodes the whole file to look for EXIF after the pixels
         orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
     return (height, width) if orientation in SWAPPING_ORIENTATIONS else (width, height)
+
+
+def check_patch_size(items: Sequence[Mapping], patch_size, multiple: int = 16) -> Sequence[Mapping]:
+    """
+    ``items`` (datalist entries) unchanged if ``patch_size`` is an integer multiple of ``multiple`` (the U-Net pools
+    four times) that fits inside every entry's image, read from the files' headers; otherwise an
+    :class:`InputError` naming ``--patch_size`` and the first image it does not fit.
+    """
+    check_int(patch_size, "--patch_size", multiple)
+    if patch_size % multiple:
+        raise InputError(f"--patch_size must be a multiple of {multiple} (the U-Net pools four times), got {patch_size}.")
+    for item in items:
+        w, h = _header_size(item["image"])
+        if min(w, h) < patch_size:
+            raise InputError(f"--patch_size {patch_size} is larger than training image {item['image']} ({h}×{w}, "
+                             f"H×W): every patch is cut from inside one image; pass --patch_size "
+                             f"{min(w, h) // multiple * multiple} or less.")
+    return items
 
 
 def spatial_size(image_size: int | Sequence[int]) -> tuple[int, int]:
