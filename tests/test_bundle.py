@@ -142,12 +142,18 @@ def test_mc_inference_writes_maps_nifti_and_a_csv_row_per_frame(demo, trained, t
     ("generalized_dice", "GeneralizedDiceLoss"), ("dice_focal", "DiceFocalLoss"), ("dice_hausdorff", "WeightedSumLoss"),
 ])
 def test_loss_overlays(overlay, loss_type, demo, tmp_path):
-    files = f"['configs/train.yaml','configs/loss/{overlay}.yaml']"
-    extra = ["--eps", "0.3"] if overlay == "polydice1" else []
-    run("-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", str(demo), "--epochs", "1",
-        "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "e"), *TINY, *extra)
+    from monai.bundle import ConfigWorkflow
+
+    extra = {"eps": 0.3} if overlay == "polydice1" else {}
+    # in this process, as `monai.bundle run training` runs it (a subprocess would spend most of its time importing)
+    workflow = ConfigWorkflow(config_file=[str(BUNDLE_ROOT / TRAIN), str(BUNDLE_ROOT / f"configs/loss/{overlay}.yaml")],
+                              workflow_type="train", bundle_root=str(BUNDLE_ROOT), dataset_dir=str(demo), epochs=1,
+                              ckpt_dir=str(tmp_path / "m"), output_dir=str(tmp_path / "e"), **TINY_OVERRIDES, **extra)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
     assert (tmp_path / "m" / "model.pt").is_file()
-    parser = parse([TRAIN, f"configs/loss/{overlay}.yaml"], **({"eps": 0.3} if extra else {}))
+    parser = parse([TRAIN, f"configs/loss/{overlay}.yaml"], **extra)
     loss = parser.get_parsed_content("loss")
     assert type(loss).__name__ == loss_type
     if overlay == "polydice1":

@@ -361,11 +361,14 @@ def test_load_datalist_over_every_kvasir_pair_and_the_cvc_tiffs(tmp_path, monkey
 # ---- prepare_data -----------------------------------------------------------------------------------------------
 
 
-def test_prepare_data_refuses_an_output_it_cannot_write_before_reading_any_pair(tmp_path):
+def test_prepare_data_refuses_an_output_it_cannot_write_before_reading_any_pair(tmp_path, caplog):
+    """In this process (the command's last line on stderr: test_prepare_data_cli_reports_errors_with_exit_code_2)."""
+    from scripts.prepare_data import main
+
     _pair(tmp_path, "a")
     (tmp_path / "images" / "a.png").write_bytes(b"corrupt")  # reading the pairs would fail on this
     (tmp_path / "taken").write_text("")
-    args = ["-m", "scripts.prepare_data", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks")]
+    args = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks")]
     for output, expected in (
         (tmp_path / "taken",
          f"--output {tmp_path / 'taken'} is an existing file: pass --output a folder (it is created if missing)."),
@@ -374,10 +377,9 @@ def test_prepare_data_refuses_an_output_it_cannot_write_before_reading_any_pair(
           "folder (it is created if missing).")),
         (tmp_path / "out", f"cannot read image file {tmp_path / 'images' / 'a.png'}: it is not an image file"),
     ):
-        proc = run(*args, "--output", str(output), check=False)
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and last.startswith(f"error: {expected}"), proc.stderr
-        assert "Traceback" not in proc.stderr
+        caplog.clear()
+        assert main([*args, "--output", str(output)]) == 2
+        assert caplog.records[-1].getMessage().startswith(f"error: {expected}"), caplog.text
     assert not (tmp_path / "out" / "datalist.json").exists()
 
 
