@@ -103,7 +103,6 @@ def audit_labels(difficulty_pass, network: torch.nn.Module, output_dir: str | Pa
 
     output_dir = Path(output_dir)
     result = difficulty_pass.score(network, epoch=0)
-    top = result["suspicion"].argsort(descending=True, stable=True)[: difficulty_pass.num_audit_images]
-    table = write_label_audit(output_dir, result, difficulty_pass.maps(network, top.tolist(), epoch=0))
+    table = write_label_audit(output_dir, result, difficulty_pass.suspect_maps(network, result))
     return [table, plot_label_audit(output_dir / "mc_maps" / "label_audit.npz", table,
                                     output_dir / "figures" / "label_audit.png")]

@@ -146,10 +146,13 @@ class DifficultyPass:
         result.update(epoch=epoch, pass_number=self.table.num_passes, seconds=time.perf_counter() - began)
         if self.history is not None and idist.get_rank() == 0:
             fixed = np.random.default_rng(self.seed).permutation(len(self.dataset))[: self.num_map_images]
-            suspects = result["suspicion"].argsort(descending=True, stable=True)[: self.num_audit_images]
-            self.history.write(result, self.maps(network, fixed.tolist(), epoch),
-                               self.maps(network, suspects.tolist(), epoch))
+            self.history.write(result, self.maps(network, fixed.tolist(), epoch), self.suspect_maps(network, result))
         return result
+
+    def suspect_maps(self, network: torch.nn.Module, result: dict) -> dict[str, np.ndarray]:
+        """:meth:`maps` of the ``num_audit_images`` most suspect labels of a :meth:`score` result."""
+        suspects = result["suspicion"].argsort(descending=True, stable=True)[: self.num_audit_images]
+        return self.maps(network, suspects.tolist(), result.get("epoch", 0))
 
     def score(self, network: torch.nn.Module, epoch: int) -> dict:
         """Image and label ids, D, 1 − Dice and label suspicion of every image (all processes', dataset order)."""
@@ -188,6 +191,7 @@ class DifficultyPass:
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 yield batch, mc_foreground_samples(network, batch["image"].as_tensor(), self.num_samples,
                                                    self.chunk_size)
+
 
 class _Indexed(torch.utils.data.Dataset):
     """The items of ``dataset`` at ``indices``, each with its ``index`` in ``dataset``."""
