@@ -19,6 +19,12 @@ the exact one on the same crop); a disagreement exits 1. Targets (the issue): ex
 max-pool loop and under 20 ms per call on one core. Torch runs on ``--threads`` threads (1:
 ``torch.set_num_threads(1)``); scipy's labelling is single-threaded.
 
+Then the sliding-window inference of each vessel network on one whole image (the photograph ``--image``, or noise
+of its size without the data), as ``configs/inference.yaml`` + ``configs/vessel/inference.yaml`` (+
+``configs/vessel/frunet.yaml``) build them: the networks at the overlays' widths with random weights (the time does
+not depend on them), MONAI's ``SlidingWindowInferer`` with the config's windows (48 px, overlap 0.25, 64 windows a
+call, gaussian blending), one deterministic pass (``--mc_samples 0``); ``--sw-repeats`` alternating rounds.
+
 The map u: with CHASE_DB1 at ``--data-dir``, the first observer's vessel mask of ``--image`` blurred (σ 1 px:
 1 and 2 px wide vessels peak at 0.40 and 0.68), dimmed by a smooth random contrast field (0.35 to 1)
 so that thin vessels break into stretches below τ_H and above τ_L, plus Gaussian noise (σ 0.08: scattered weak
@@ -28,6 +34,7 @@ random field in place of the mask, same treatment.
     python benchmarks/dti.py                     # CHASE_DB1-sized, 20 rounds, 1 thread
     python benchmarks/dti.py --raster-crop 480   # the raster loop on a 480×480 crop only
     python benchmarks/dti.py --quick             # toy size, seconds (as tests/test_dti.py runs it)
+    python benchmarks/dti.py --sw-repeats 0      # DTI only
 """
 
 from __future__ import annotations
@@ -66,13 +73,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--raster-repeats", type=int, default=1)
     p.add_argument("--raster-cap", type=float, default=300.0, help="seconds after which a raster call gives up")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--sw-repeats", type=int, default=3, help="rounds of sliding-window inference (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="toy size: a 96×96 crop, 3 rounds")
     args = p.parse_args()
     if args.quick:
-        args.crop, args.repeats = [96, 96], 3
-    if args.repeats < 1 or args.raster_repeats < 1 or args.threads < 1:
-        p.error("--repeats, --raster-repeats and --threads must be >= 1")
+        args.crop, args.repeats, args.sw_repeats = [96, 96], 3, 1
+    if args.repeats < 1 or args.raster_repeats < 1 or args.threads < 1 or args.sw_repeats < 0:
+        p.error("--repeats, --raster-repeats and --threads must be >= 1, --sw-repeats >= 0")
     return args
 
 
@@ -132,6 +140,50 @@ def raster_dti(u: np.ndarray, low: float, high: float, cap: float) -> tuple[np.n
         if changed and time.perf_counter() - start > cap:
             return None, passes
     return np.frombuffer(bytes(v), dtype=bool).reshape(h + 2, w + 2)[1:-1, 1:-1], passes
+
+
+def sliding_window_inference(data_dir: Path, image: str, crop: list[int] | None, repeats: int) -> None:
+    """Seconds per whole image of each vessel network's sliding-window inference, side by side."""
+    from monai.bundle import ConfigParser
+
+    path = data_dir / f"{image}.jpg"
+    if path.is_file():
+        from PIL import Image
+
+        photo = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+        source = f"CHASE_DB1 {path.name}"
+    else:
+        photo, source = np.random.default_rng(0).random((960, 999, 3), dtype=np.float32), "noise"
+    photo = centre_crop(photo, *(crop or photo.shape[1::-1]))
+    x = torch.from_numpy(photo.transpose(2, 1, 0).copy())[None]  # (1, 3, W, H), the bundle's axis order
+    base = [str(BUNDLE_ROOT / "configs" / c) for c in ("inference.yaml", "vessel/inference.yaml")]
+    runs = {}
+    for name, overlays in (("U-Net (configs/vessel/unet.yaml)", []),
+                           ("FR U-Net (configs/vessel/frunet.yaml)", [str(BUNDLE_ROOT / "configs/vessel/frunet.yaml")])):
+        parser = ConfigParser()
+        parser.read_config(base + overlays)
+        parser["bundle_root"] = str(BUNDLE_ROOT)
+        net = parser.get_parsed_content("network_def").eval()
+        params = sum(q.numel() for q in net.parameters())
+        runs[name] = (net, parser.get_parsed_content("sliding_window"), params, [], [])
+    with torch.no_grad():
+        for net, window, *_ in runs.values():
+            window(x[..., :96, :96], net)  # warm-up
+        for r in range(repeats):
+            for name in list(runs)[r % 2:] + list(runs)[:r % 2]:
+                net, window, _, wall, cpu = runs[name]
+                w0, c0 = time.perf_counter(), time.thread_time()
+                window(x, net)
+                wall.append(time.perf_counter() - w0)
+                cpu.append(time.thread_time() - c0)
+    print()
+    print(f"sliding-window inference, one {x.shape[2]}x{x.shape[3]} image (W x H) from {source}, {repeats} round(s):")
+    print(f"| {'network':40s} | parameters | s/image (median) | CPU s/image |")
+    print(f"|{'-' * 42}|------------|------------------|-------------|")
+    for name, (_, _, params, wall, cpu) in runs.items():
+        print(f"| {name:40s} | {params:10,d} | {statistics.median(wall):16.3f} | {statistics.median(cpu):11.3f} |")
+    (_, _, _, a, _), (_, _, _, b, _) = runs.values()
+    print(f"FR U-Net / U-Net: {statistics.median(q / p for p, q in zip(a, b)):.2f}x wall")
 
 
 def main() -> None:
@@ -217,6 +269,8 @@ def main() -> None:
           f"{torch.get_num_threads()} thread(s)   (target < 20 ms)")
     print(f"agree: exact = max-pool loop: {'yes' if agree_maxpool else 'NO'}; exact = raster loop: "
           f"{'not checked (stopped at the cap)' if stopped else 'yes' if agree_raster else 'NO'}")
+    if args.sw_repeats:
+        sliding_window_inference(args.data_dir, args.image, args.crop, args.sw_repeats)
     if not agree_maxpool or not (stopped or agree_raster):
         sys.exit(1)
 

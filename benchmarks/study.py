@@ -22,7 +22,19 @@ per-image test Dice, and the ε distribution over the passes of every adaptive m
 
 Study file (YAML): ``budget`` (overrides for every run), ``splits`` (name: prepared dataset_dir), ``seeds``,
 ``baseline`` (a method name), ``methods`` (name: ``label``, ``configs`` (overlays after configs/train.yaml),
-``overrides``, ``eps_from``) and optionally ``select`` (name: ``label``, ``from`` (method names)).
+``overrides``, ``eps_from``) and optionally ``select`` (name: ``label``, ``from`` (method names)). Optional keys for
+another task (benchmarks/study_chase_cpu.yaml, the vessel study):
+
+- ``evaluations`` (name: ``label``, ``configs``): each trained run is scored once per entry, with
+  configs/train.yaml, configs/evaluate.yaml, the method's overlays, then the entry's (configs/vessel/evaluate.yaml,
+  configs/vessel/dti.yaml), into ``<split>_<name>/``; a report row per method and entry. Default: one unnamed entry
+  with no overlays, into ``<split>/``;
+- ``metrics``: the ``test_<metric>`` means the report shows (default: dice, iou, precision, recall); ``lower``: those
+  of them for which lower is better;
+- ``eval_splits``: the lists scored (default [validation, test]; without validation there is no ``select``);
+- ``title``: the data set's name on the plots; ``figure`` (``image``: a test image's stem, ``crop``: [x, y, w, h]
+  in its pixels): one row per report row of that image's ``overlays/<stem>_topology.png`` (written by
+  configs/vessel/evaluate.yaml) from the first seed.
 """
 
 from __future__ import annotations
@@ -45,6 +57,10 @@ import yaml
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("dice", "iou", "precision", "recall")  # configs/evaluate.yaml's test_<metric>
+METRIC_LABELS = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall", "cldice": "clDice",
+                 "vca": "VCA", "betti0_error": "Betti-0 error", "betti1_error": "Betti-1 error", "auc": "AUC",
+                 "sensitivity": "Sensitivity", "specificity": "Specificity", "accuracy": "Accuracy"}
+NO_EVALUATIONS = {"": {"label": "", "configs": []}}
 
 
 @dataclass
@@ -88,11 +104,25 @@ def load_study(path: Path) -> dict:
         unknown = set(sel["from"]) - set(methods)
         if unknown:
             raise SystemExit(f"{path}: select {name!r} names unknown method(s) {sorted(unknown)}")
+    for name, ev in (spec.get("evaluations") or {}).items():
+        for overlay in ev.get("configs", []):
+            if not (BUNDLE_ROOT / overlay).is_file():
+                raise SystemExit(f"{path}: evaluation {name!r} names {overlay}, which does not exist")
+    if spec.get("select") and "validation" not in spec.get("eval_splits", ["validation"]):
+        raise SystemExit(f"{path}: select chooses on the validation list, which eval_splits leaves out")
     for split, folder in spec["splits"].items():
         if not (BUNDLE_ROOT / folder / "datalist.json").is_file():
             raise SystemExit(f"{path}: split {split!r}: {folder}/datalist.json not found; prepare it with "
                              "python -m scripts.prepare_data (see docs/README.md)")
     return spec
+
+
+def evaluations(spec: dict) -> dict:
+    return spec.get("evaluations") or NO_EVALUATIONS
+
+
+def eval_folder(run: Run, split: str, evaluation: str) -> Path:
+    return run.folder / (f"{split}_{evaluation}" if evaluation else split)
 
 
 def make_runs(spec: dict, output: Path) -> list[Run]:
@@ -114,6 +144,7 @@ def final_mean_eps(train_dir: Path) -> float:
 
 
 def bundle_command(run: Run, spec: dict, entry: str, overlays: list[str], extra: dict) -> list[str]:
+    """``overlays`` follow configs/train.yaml; evaluation puts configs/evaluate.yaml first among them."""
     config = "[" + ",".join(f"'{c}'" for c in ["configs/train.yaml", *overlays]) + "]"
     settings = {**spec["budget"], **spec["methods"][run.method].get("overrides", {}), **extra,
                 "seed": run.seed, "dataset_dir": str((BUNDLE_ROOT / spec["splits"][run.split]).resolve()),
@@ -154,10 +185,12 @@ def run_one(run: Run, spec: dict, output: Path, env: dict) -> Run:
         state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
         state["trained"] = True
         run.save_state()
-    for split in ("validation", "test"):
-        execute(bundle_command(run, spec, "evaluating", [*overlays, "configs/evaluate.yaml"],
-                               {**extra, "eval_split": split, "output_dir": str(run.folder / split)}),
-                run.folder / "evaluate.log", env)
+    for split in spec.get("eval_splits", ["validation", "test"]):
+        for name, ev in evaluations(spec).items():
+            execute(bundle_command(run, spec, "evaluating", ["configs/evaluate.yaml", *overlays, *ev["configs"]],
+                                   {**extra, "eval_split": split,
+                                    "output_dir": str(eval_folder(run, split, name))}),
+                    run.folder / "evaluate.log", env)
     state["done"] = True
     run.save_state()
     return run
@@ -201,7 +234,7 @@ def run_study(spec: dict, runs: list[Run], output: Path, jobs: int, threads: int
                         future.result()
                         done_names.add(r.name)
                         durations.append(minutes)
-                        dice = read_metrics(r.folder / "test")["dice"]
+                        dice = read_metrics(eval_folder(r, "test", next(iter(evaluations(spec)))))["dice"]
                         left = statistics.fmean(durations) * (total - finished) / jobs
                         print(f"[{finished:3d}/{total}] done   {r.name} in {minutes:.1f} min, test Dice {dice:.4f}"
                               f" | elapsed {elapsed:.1f} min, about {left:.0f} min left", flush=True)
@@ -220,28 +253,38 @@ def read_metrics(folder: Path) -> dict[str, float]:
 
 
 def per_image_dice(folder: Path) -> dict[str, float]:
-    """{image: Dice} of a run's test list (MetricsSaver's ``test/test_dice_raw.csv``; NaN where undefined)."""
-    with open(folder / "test" / "test_dice_raw.csv", newline="") as f:
+    """{image: Dice} of one evaluation (MetricsSaver's ``test_dice_raw.csv``; NaN where undefined)."""
+    with open(folder / "test_dice_raw.csv", newline="") as f:
         return {r["filename"]: float(r["mean"]) for r in csv.DictReader(f)}
 
 
+def report_rows(spec: dict) -> list[tuple[str, str, str, str]]:
+    """(row, method, evaluation, label) of each method × evaluation: the row is the method's name, or with named
+    evaluations ``<method>+<evaluation>``."""
+    return [(f"{m}+{ev}" if ev else m, m, ev, spec["methods"][m].get("label", m) + e.get("label", ""))
+            for m in spec["methods"] for ev, e in evaluations(spec).items()]
+
+
 def collect(spec: dict, runs: list[Run]) -> dict:
-    """{split: {method: {"seeds": [...], "test": [{metric: mean}...], "val_dice": [...], "images": {image: [dice...]},
-    ...}}}, one list item per seed"""
+    """{split: {row: {"seeds": [...], "test": [{metric: mean}...], "val_dice": [...], "images": {image: [dice...]},
+    ...}}}, one list item per seed (rows: :func:`report_rows`)"""
     results: dict = {s: {} for s in spec["splits"]}
+    validation = "validation" in spec.get("eval_splits", ["validation"])
     for r in runs:
         if not r.load_state().get("done"):
             continue
-        entry = results[r.split].setdefault(r.method, {"seeds": [], "test": [], "val_dice": [], "images": {},
-                                                       "train_minutes": [], "eps": []})
-        entry["seeds"].append(r.seed)
-        entry["test"].append(read_metrics(r.folder / "test"))
-        entry["val_dice"].append(read_metrics(r.folder / "validation")["dice"])
-        entry["train_minutes"].append(r.state["train_seconds"] / 60)
-        if "eps" in r.state:
-            entry["eps"].append(r.state["eps"])
-        for image, dice in per_image_dice(r.folder).items():
-            entry["images"].setdefault(image, []).append(dice)
+        for row, method, ev, _ in (x for x in report_rows(spec) if x[1] == r.method):
+            entry = results[r.split].setdefault(row, {"seeds": [], "test": [], "val_dice": [], "images": {},
+                                                      "train_minutes": [], "eps": []})
+            entry["seeds"].append(r.seed)
+            entry["test"].append(read_metrics(eval_folder(r, "test", ev)))
+            if validation:
+                entry["val_dice"].append(read_metrics(eval_folder(r, "validation", ev))["dice"])
+            entry["train_minutes"].append(r.state["train_seconds"] / 60)
+            if "eps" in r.state:
+                entry["eps"].append(r.state["eps"])
+            for image, dice in per_image_dice(eval_folder(r, "test", ev)).items():
+                entry["images"].setdefault(image, []).append(dice)
     return results
 
 
@@ -267,26 +310,26 @@ def wilcoxon_vs(entry: dict, base: dict) -> tuple[float, float]:
 def table_rows(spec: dict, results: dict) -> list[dict]:
     rows = []
     selects = spec.get("select") or {}
-    for split, methods in results.items():
-        base = methods.get(spec["baseline"])
-        names = [(m, m, spec["methods"][m].get("label", m)) for m in spec["methods"] if m in methods]
+    for split, entries in results.items():
+        names = [(row, row, label, ev) for row, _, ev, label in report_rows(spec) if row in entries]
         for sel_name, sel in selects.items():
-            candidates = [m for m in sel["from"] if m in methods]
+            candidates = [m for m in sel["from"] if m in entries]
             if candidates:
-                best = max(candidates, key=lambda m: statistics.fmean(methods[m]["val_dice"]))
+                best = max(candidates, key=lambda m: statistics.fmean(entries[m]["val_dice"]))
                 label = f"{sel.get('label', sel_name)}: {spec['methods'][best].get('label', best)}"
-                names.append((sel_name, best, label))
-        for name, method, label in names:
-            entry = methods[method]
+                names.append((sel_name, best, label, ""))
+        for name, row_name, label, ev in names:
+            entry = entries[row_name]
+            base = entries.get(f"{spec['baseline']}+{ev}" if ev else spec["baseline"])
             row = {"split": split, "method": name, "label": label, "seeds": len(entry["seeds"])}
-            for metric in METRICS:
+            for metric in spec.get("metrics", METRICS):
                 values = [t[metric] for t in entry["test"]]
                 row[f"{metric}_mean"] = statistics.fmean(values)
                 row[f"{metric}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
-            row["val_dice_mean"] = statistics.fmean(entry["val_dice"])
+            row["val_dice_mean"] = statistics.fmean(entry["val_dice"]) if entry["val_dice"] else ""
             row["train_minutes"] = statistics.fmean(entry["train_minutes"])
             row["eps"] = statistics.fmean(entry["eps"]) if entry["eps"] else ""
-            if base is not None and method != spec["baseline"]:
+            if base is not None and base is not entry:
                 row["median_dice_diff"], row["wilcoxon_p"] = wilcoxon_vs(entry, base)
             else:
                 row["median_dice_diff"], row["wilcoxon_p"] = "", ""
@@ -300,17 +343,22 @@ def write_tables(rows: list[dict], spec: dict, report: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+    metrics = spec.get("metrics", METRICS)
+    lower = set(spec.get("lower", []))
+    validation = "validation" in spec.get("eval_splits", ["validation"])
+    heads = [METRIC_LABELS.get(m, m) + (" ↓" if m in lower else "") for m in metrics]
+    heads += ["val Dice"] * validation + [f"Δ median Dice vs {spec['baseline']}", "Wilcoxon p", "train min"]
     lines = []
     for split in spec["splits"]:
-        lines += [f"### {split} split", "",
-                  "| method | seeds | Dice | IoU | Precision | Recall | val Dice | Δ median vs "
-                  f"{spec['baseline']} | Wilcoxon p | train min |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {split} split", "", "| method | seeds | " + " | ".join(heads) + " |",
+                  "|---" * (len(heads) + 2) + "|"]
         for row in (r for r in rows if r["split"] == split):
-            cells = [f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f}" for m in METRICS]
-            diff = "" if row["median_dice_diff"] == "" else f"{row['median_dice_diff']:+.4f}"
-            p = "" if row["wilcoxon_p"] == "" else f"{row['wilcoxon_p']:.3g}"
-            lines.append(f"| {row['label']} | {row['seeds']} | {' | '.join(cells)} | {row['val_dice_mean']:.4f} | "
-                         f"{diff} | {p} | {row['train_minutes']:.1f} |")
+            cells = [f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f}" for m in metrics]
+            if validation:
+                cells.append(f"{row['val_dice_mean']:.4f}")
+            cells.append("" if row["median_dice_diff"] == "" else f"{row['median_dice_diff']:+.4f}")
+            cells.append("" if row["wilcoxon_p"] == "" else f"{row['wilcoxon_p']:.3g}")
+            lines.append(f"| {row['label']} | {row['seeds']} | {' | '.join(cells)} | {row['train_minutes']:.1f} |")
         lines.append("")
     (report / "results_tables.md").write_text("\n".join(lines))
 
@@ -320,23 +368,26 @@ def plot(spec: dict, results: dict, runs: list[Run], report: Path) -> list[Path]
     from matplotlib.figure import Figure
 
     written = []
-    for split, methods in results.items():
-        names = [m for m in spec["methods"] if m in methods]
+    for split, entries in results.items():
+        names = [row for row, *_ in report_rows(spec) if row in entries]
         if not names:
             continue
         fig = Figure(figsize=(max(6.0, 0.9 * len(names)), 4.5), layout="constrained")
         ax = fig.add_subplot()
-        data = [[v for v in seed_mean_dice(methods[m]).values() if np.isfinite(v)] for m in names]
+        data = [[v for v in seed_mean_dice(entries[m]).values() if np.isfinite(v)] for m in names]
         ax.boxplot(data, showmeans=True)
         ax.set_xticks(range(1, len(names) + 1), names, rotation=35, ha="right")
         ax.set_ylabel("test Dice per image (mean over seeds)")
-        ax.set_title(f"Kvasir-SEG, {split} split")
+        ax.set_title(f"{spec.get('title', 'Kvasir-SEG')}, {split} split")
         FigureCanvasAgg(fig)
         written.append(report / f"dice_boxplot_{split}.png")
         fig.savefig(written[-1], dpi=110)
+        if spec.get("figure"):
+            written += plot_test_image(spec, [r for r in runs if r.split == split and r.seed == spec["seeds"][0]],
+                                       report / f"test_image_{split}.png")
 
         adaptive = [r for r in runs if r.split == split and r.seed == spec["seeds"][0]
-                    and (r.folder / "train" / "difficulty_history.csv").exists() and r.method in methods]
+                    and (r.folder / "train" / "difficulty_history.csv").exists() and r.state.get("done")]
         if not adaptive:
             continue
         fig = Figure(figsize=(4.0 * len(adaptive), 3.6), layout="constrained")
@@ -355,6 +406,47 @@ def plot(spec: dict, results: dict, runs: list[Run], report: Path) -> list[Path]
         written.append(report / f"eps_over_training_{split}.png")
         fig.savefig(written[-1], dpi=110)
     return written
+
+
+def plot_test_image(spec: dict, runs: list[Run], out_png: Path) -> list[Path]:
+    """One panel per report row: the ``figure`` image's topology overlay (crop) from the first seed's run, titled
+    with the row's label and that image's clDice and Betti-0 error."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    image, (x, y, w, h) = spec["figure"]["image"], spec["figure"]["crop"]
+    panels = []
+    for r in runs:
+        for row, method, ev, label in report_rows(spec):
+            overlay = eval_folder(r, "test", ev) / "overlays" / f"{image}_topology.png"
+            if method == r.method and overlay.is_file():
+                scores = {m: per_image(eval_folder(r, "test", ev), m).get(image, float("nan"))
+                          for m in ("dice", "cldice", "betti0_error")}
+                panels.append((row, label, np.asarray(Image.open(overlay))[y: y + h, x: x + w], scores))
+    if not panels:
+        return []
+    order = [row for row, *_ in report_rows(spec)]
+    panels.sort(key=lambda p: order.index(p[0]))
+    cols = 2
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.2 * cols, 4.2 * h / w * rows + 0.4 * rows), layout="constrained")
+    for i, (_, label, crop, scores) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(crop, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(f"{label}\nDice {scores['dice']:.3f}, clDice {scores['cldice']:.3f}, "
+                     f"Betti-0 error {scores['betti0_error']:.0f}", fontsize=8)
+    fig.suptitle(f"{image} (seed {spec['seeds'][0]}), pixels x {x}–{x + w}, y {y}–{y + h}", fontsize=9)
+    FigureCanvasAgg(fig)
+    fig.savefig(out_png, dpi=110)
+    return [out_png]
+
+
+def per_image(folder: Path, metric: str) -> dict[str, float]:
+    """{image stem: value} of one metric of an evaluation (MetricsSaver's ``test_<metric>_raw.csv``)."""
+    with open(folder / f"test_{metric}_raw.csv", newline="") as f:
+        return {Path(r["filename"]).name.split(".")[0]: float(r["mean"]) for r in csv.DictReader(f)}
 
 
 def main() -> int:

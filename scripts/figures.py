@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from scripts.files import atomic_path
 
 __all__ = ["plot_uncertainty_evolution", "plot_epsilon_distribution", "plot_label_audit", "choose_images",
-           "write_figures", "colour_map"]
+           "write_figures", "colour_map", "topology_overlay"]
 
 # (npz key, column title, colour map, colour range): fixed ranges so that rows (passes) are comparable.
 _MAPS = (
@@ -73,6 +73,43 @@ def colour_map(values: np.ndarray, key: str) -> np.ndarray:
     rows = max(1, (1 << 18) // max(1, math.prod(values.shape[1:])))  # about 256 k pixels a block
     for start in range(0, len(values), rows):
         out[start:start + rows] = colour(values[start:start + rows])
+    return out
+
+
+# colours of topology_overlay (RGB)
+TOPOLOGY_COLOURS = {"vessel": (255, 255, 255), "false_positive": (255, 165, 0), "missed": (40, 110, 255),
+                    "break": (255, 0, 0), "fragment": (255, 0, 255)}
+
+
+def topology_overlay(image: np.ndarray, defects: Mapping, pred: np.ndarray, label: np.ndarray | None = None,
+                     radius: int | None = None) -> np.ndarray:
+    """
+    An (H, W, 3) uint8 picture of where a vessel mask breaks, for a person to look at: the photograph ``image``
+    ((H, W) or (H, W, 3) in [0, 1]) in dimmed grey, and over it ``pred`` in white (orange where the ``label`` has no
+    vessel), the label's vessels that ``pred`` misses in blue, and the ``defects`` of
+    :func:`scripts.metrics.topology_defects`: each break in red and each fragment in magenta, with a ring of
+    ``radius`` pixels (default: a 1/100 of the shorter side, at least 5) around it so a small one shows at any zoom.
+    All arrays are (H, W), rows first.
+    """
+    from scipy import ndimage
+    from skimage.draw import circle_perimeter
+
+    grey = np.asarray(image, dtype=np.float32)
+    grey = grey.mean(axis=-1) if grey.ndim == 3 else grey
+    out = np.repeat((np.clip(grey, 0, 1) * 150).astype(np.uint8)[..., None], 3, axis=-1)
+    p = np.asarray(pred, dtype=bool)
+    out[p] = TOPOLOGY_COLOURS["vessel"]
+    if label is not None:
+        out[p & ~np.asarray(label, dtype=bool)] = TOPOLOGY_COLOURS["false_positive"]
+        out[defects["missed"]] = TOPOLOGY_COLOURS["missed"]
+    radius = radius or max(5, min(p.shape) // 100)
+    for kind, colour in (("fragments", TOPOLOGY_COLOURS["fragment"]), ("breaks", TOPOLOGY_COLOURS["break"])):
+        marks, n = ndimage.label(defects[kind], np.ones((3, 3), dtype=bool))
+        out[marks > 0] = colour
+        for r, c in ndimage.center_of_mass(marks > 0, marks, range(1, n + 1)):
+            for width in (0, 1):  # a ring two pixels wide
+                rr, cc = circle_perimeter(round(r), round(c), radius + width, shape=p.shape)
+                out[rr, cc] = colour
     return out
 
 

@@ -26,14 +26,15 @@ from PIL import Image
 
 from scripts.audit import label_suspicion, write_label_audit
 from scripts.difficulty import dice_error
-from scripts.errors import check_int
+from scripts.errors import InputError, check_int
 from scripts.files import atomic_path, atomic_write
 from scripts.metrics import (BettiErrorMetric, ClDiceMetric, ComponentRatioMetric, FieldOfViewConfusionMatrixMetric,
-                             FieldOfViewROCAUCMetric)
+                             FieldOfViewROCAUCMetric, topology_defects)
 from scripts.uncertainty import check_chunk_size, mc_foreground_samples, uncertainty_maps
 
 __all__ = ["AtomicCheckpointSaver", "DifficultyPass", "DifficultyHistory", "PerImageConfusionMatrix",
-           "AtomicMetricsSaver", "UncertaintyReport"]
+           "AtomicMetricsSaver", "UncertaintyReport", "TopologyOverlaySaver", "FieldOfViewMetricHandler", "ClDice",
+           "ComponentRatio", "BettiError", "FieldOfViewConfusionMatrix", "FieldOfViewROCAUC"]
 
 
 class _ReplacingDiskSaver(DiskSaver):
@@ -422,6 +423,90 @@ class UncertaintyReport:
         seconds = (time.perf_counter() - self._began) / max(len(rows), 1)
         self._rows.extend(row + [f"{seconds:.4f}"] for row in rows)
         self._write_csv()
+
+
+class TopologyOverlaySaver:
+    """
+    Where each predicted vessel mask breaks, written as each batch completes (evaluation or inference of the vessel
+    task): ``<stem>_topology.png``, the picture of :func:`scripts.figures.topology_overlay` (breaks red, fragments
+    magenta, missed vessels blue, false positives orange), and ``topology.csv``, one row per image: ``image,
+    breaks, fragments, missed_fraction`` (the share of the label's pixels the mask misses; empty without a label).
+    Breaks need a ground truth, fragments do not (:func:`scripts.metrics.topology_defects`).
+
+    The ground truth is the output item's ``label`` when it has one (evaluation), else the file ``label_pattern``
+    names in ``label_dir`` (inference), if it exists: ``{stem}`` is the image's file name without extension,
+    ``{id}`` its part before the first ``_`` (CHASE_DB1: ``{stem}_1stHO.png``; DRIVE: ``{id}_manual1.gif``).
+
+    Args:
+        output_dir: folder of the files.
+        label_dir: where inference finds the ground truths; None: only the output's ``label``.
+        label_pattern: file name of an image's ground truth in ``label_dir``.
+        fragment_size: components of fewer pixels are fragments.
+        pred_key: the binary mask in the output items: (1, W, H), (W, H), or one-hot (2, W, H).
+    """
+
+    COLUMNS = ("image", "breaks", "fragments", "missed_fraction")
+
+    def __init__(self, output_dir: str | Path, label_dir: str | Path | None = None,
+                 label_pattern: str = "{stem}_1stHO.png", fragment_size: int = 100, pred_key: str = "pred") -> None:
+        self.output_dir = Path(output_dir)
+        self.label_dir = None if label_dir is None else Path(label_dir)
+        if self.label_dir is not None and not self.label_dir.is_dir():
+            raise InputError(f"--label_dir {self.label_dir} is not a folder.")
+        self.label_pattern, self.pred_key = label_pattern, pred_key
+        self.fragment_size = check_int(fragment_size, "TopologyOverlaySaver fragment_size", 1)
+        self._rows: list[list] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _start(self, engine: Engine) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._rows = []
+
+    @staticmethod
+    def _plane(x) -> np.ndarray:
+        """The foreground of a (W, H), (1, W, H) or one-hot (2, W, H) mask as (H, W) bool."""
+        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        a = a[-1] if a.ndim == 3 else a
+        return a.T > 0.5
+
+    def _label(self, item: dict, source: str, shape: tuple) -> np.ndarray | None:
+        if item.get("label") is not None:
+            return self._plane(item["label"])
+        if self.label_dir is None:
+            return None
+        stem = Path(source).name.split(".")[0]
+        path = self.label_dir / self.label_pattern.format(stem=stem, id=stem.split("_")[0])
+        if not path.is_file():
+            return None
+        label = np.asarray(Image.open(path).convert("L")) > 0
+        if label.shape != shape:
+            raise InputError(f"ground truth {path} is {label.shape[1]}×{label.shape[0]} (W×H) but its image "
+                             f"{source} is {shape[1]}×{shape[0]}.")
+        return label
+
+    def __call__(self, engine: Engine) -> None:
+        from scripts.figures import topology_overlay  # matplotlib only where pictures are drawn
+
+        items = engine.state.output
+        items = items if isinstance(items, list) else monai.data.decollate_batch(items)
+        for item in items:
+            source = str(item[self.pred_key].meta["filename_or_obj"])
+            pred = self._plane(item[self.pred_key])
+            label = self._label(item, source, pred.shape)
+            defects = topology_defects(pred, label, self.fragment_size)
+            image = item["image"].detach().cpu().numpy()  # (C, W, H) in [0, 1]
+            picture = topology_overlay(np.moveaxis(image, 0, -1).transpose(1, 0, 2), defects, pred, label)
+            with atomic_path(self.output_dir / f"{Path(source).name.split('.')[0]}_topology.png") as tmp:
+                Image.fromarray(picture).save(tmp, format="PNG")
+            missed = "" if label is None or not label.any() else f"{defects['missed'].sum() / label.sum():.6f}"
+            self._rows.append([source, defects["count"]["breaks"], defects["count"]["fragments"], missed])
+        with atomic_write(self.output_dir / "topology.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self.COLUMNS)
+            writer.writerows(self._rows)
 
 
 class FieldOfViewMetricHandler(IgniteMetricHandler):

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric, compute_roc_auc, get_confusion_matrix
 from monai.metrics.confusion_matrix import check_confusion_matrix_metric_name
 from monai.metrics.utils import do_metric_reduction, ignore_background
@@ -33,10 +34,11 @@ from monai.utils import MetricReduction, ensure_tuple
 
 from scripts.errors import InputError, check_choice, check_int
 
-__all__ = ["betti_numbers", "count_components", "FieldOfViewMetric", "ClDiceMetric", "ComponentRatioMetric",
+__all__ = ["betti_numbers", "count_components", "topology_defects", "FieldOfViewMetric", "ClDiceMetric", "ComponentRatioMetric",
            "BettiErrorMetric", "FieldOfViewConfusionMatrixMetric", "FieldOfViewROCAUCMetric"]
 
 REDUCTIONS = tuple(r.value for r in MetricReduction)
+EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity, as skimage's connectivity=2
 
 
 def betti_numbers(x: np.ndarray) -> tuple[int, int]:
@@ -57,6 +59,48 @@ def count_components(x: np.ndarray) -> int:
     from skimage.measure import label
 
     return int(label(x, connectivity=2, return_num=True)[1])
+
+
+def topology_defects(pred: np.ndarray, label: np.ndarray | None = None, fragment_size: int = 100) -> dict:
+    """
+    Where a 2-D binary vessel mask ``pred`` is broken, as masks of its shape (bool):
+
+    - ``fragments``: the pixels of the 8-connected components of ``pred`` smaller than ``fragment_size`` pixels,
+      the specks a thin structure ends in when its prediction falls apart;
+    - ``breaks`` (needs ``label``): the runs of the label's hard centreline (``skeletonize``) that ``pred`` misses
+      *between two pieces of pred*: an 8-connected run of missed centreline pixels whose 8-neighbours on the
+      covered centreline belong to two or more components of ``pred``. Each run is one break: there the
+      prediction splits a vessel that the label keeps whole. A missed tip, or a vessel missed along its whole
+      length, is missed but not broken;
+    - ``missed``: the label's pixels not in ``pred`` (None without a label).
+
+    ``count``: {"breaks": runs, "fragments": components}.
+    """
+    from skimage.morphology import skeletonize
+
+    p = np.asarray(pred, dtype=bool)
+    pieces, n_pieces = ndimage.label(p, EIGHT)
+    sizes = np.bincount(pieces.ravel(), minlength=n_pieces + 1)
+    fragments = (sizes < fragment_size)[pieces] & p
+    out = {"fragments": fragments, "breaks": np.zeros_like(p), "missed": None,
+           "count": {"breaks": 0, "fragments": int(np.count_nonzero(sizes[1:] < fragment_size))}}
+    if label is None:
+        return out
+    g = np.asarray(label, dtype=bool)
+    if g.shape != p.shape:
+        raise ValueError(f"pred and label must have the same shape, got {p.shape} and {g.shape}.")
+    centreline = skeletonize(g)
+    covered = np.where(centreline & p, pieces, 0)
+    runs, _ = ndimage.label(centreline & ~p, EIGHT)
+    for i, box in enumerate(ndimage.find_objects(runs), 1):
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)  # one pixel more: the run's neighbours
+        run = runs[box] == i
+        ends = covered[box][ndimage.binary_dilation(run, EIGHT) & ~run]
+        if len(np.unique(ends[ends > 0])) >= 2:
+            out["breaks"][box] |= run
+            out["count"]["breaks"] += 1
+    out["missed"] = g & ~p
+    return out
 
 
 def _fov_inputs(y_pred: torch.Tensor, y: torch.Tensor, mask, include_background: bool):

@@ -209,9 +209,13 @@ def test_bad_input():
 
 
 def test_benchmark_toy_size():
-    """benchmarks/dti.py as a user runs it, at toy size: it exits 0, the three agree, the figures are positive."""
+    """benchmarks/dti.py as a user runs it, at toy size: it exits 0, the three agree, the figures are positive,
+    and both vessel networks, as the configs build them, are timed."""
     out = run("benchmarks/dti.py", "--quick").stdout
     for row in ("exact DTI", "max-pool loop", "raster loop"):
         assert float(re.search(rf"^\| {row} .*?\|.*?\|\s+>?(\S+) \|", out, re.MULTILINE).group(1)) > 0, out
     assert float(re.search(r"^max-pool loop / exact: (\S+)x", out, re.MULTILINE).group(1)) > 0
     assert "agree: exact = max-pool loop: yes; exact = raster loop: yes" in out
+    for row, params in (("U-Net (configs/vessel/unet.yaml)", "838,802"), ("FR U-Net (configs/vessel/frunet.yaml)",
+                                                                         "536,994")):
+        assert float(re.search(rf"^\| {re.escape(row)}\s+\|\s+{params} \|\s+(\S+) \|", out, re.MULTILINE).group(1)) > 0

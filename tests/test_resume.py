@@ -79,6 +79,15 @@ def test_evaluation_and_inference_name_the_overrides_a_model_was_trained_with(tr
     assert str(info.value) == (f'{path} was trained with --image_size 32 --features "[4,8,8,16,16]" (recorded in '
                                f'{path.parent / "run.json"}) but this command has --image_size 224 --features '
                                f'"[64,128,256,512,512]": pass --image_size 32 --features "[4,8,8,16,16]".')
+    # another network class is named first, with the overlay that builds the right one
+    from scripts.networks import FullResolutionUNet
+
+    with pytest.raises(InputError) as info:
+        check_trained_model(path, FullResolutionUNet(features=[4, 8]), features=[4, 8])
+    assert str(info.value) == (f"{path} was trained as DropoutUNet (recorded in {path.parent / 'run.json'}) but this "
+                               "command builds FullResolutionUNet: add the network overlay it was trained with last "
+                               "to --config_file (the vessel task: configs/vessel/frunet.yaml or "
+                               "configs/vessel/unet.yaml).")
     # without run.json (a model.pt copied on its own) the tensor shapes still tell
     alone = tmp_path / "model.pt"
     alone.write_bytes(path.read_bytes())

@@ -97,3 +97,49 @@ def test_paired_comparison_pairs_images_by_name_and_averages_seeds():
     assert rows[1]["wilcoxon_p"] == pytest.approx(wilcoxon(a, b).pvalue)
     assert rows[1]["median_dice_diff"] == pytest.approx(np.median(a - b))
     assert rows[0]["wilcoxon_p"] == ""  # the baseline is not compared with itself
+
+
+def test_evaluation_variants_are_rows_with_their_own_metrics_and_figure(tmp_path):
+    """A study with named ``evaluations`` (the vessel study's argmax and DTI) reports one row per method and
+    evaluation, the ``metrics`` it names, each compared with the baseline under the same evaluation, and tiles the
+    ``figure`` image's topology pictures; read from files laid out as the bundle writes them."""
+    from PIL import Image
+
+    study = study_module()
+    spec = {"baseline": "a", "splits": {"s": ""}, "seeds": [0], "eval_splits": ["test"], "title": "T",
+            "methods": {"a": {"label": "A"}, "b": {"label": "B"}},
+            "evaluations": {"plain": {"label": "", "configs": []}, "dti": {"label": " + DTI", "configs": []}},
+            "metrics": ["dice", "cldice"], "lower": ["cldice"], "figure": {"image": "img0", "crop": [2, 1, 6, 4]}}
+    runs = study.make_runs(spec, tmp_path)
+    rng = np.random.default_rng(0)
+    for r in runs:
+        r.state = {"done": True, "train_seconds": 60.0}
+        r.save_state()
+        for ev in spec["evaluations"]:
+            folder = study.eval_folder(r, "test", ev)
+            (folder / "overlays").mkdir(parents=True)
+            dice = {f"/data/img{i}.jpg": float(rng.uniform(0.5, 0.9)) for i in range(6)}
+            for metric in ("dice", "cldice"):
+                with open(folder / f"test_{metric}_raw.csv", "w") as f:
+                    f.write("filename,class0,mean\n" + "".join(f"{k},{v},{v}\n" for k, v in dice.items()))
+            (folder / "test_betti0_error_raw.csv").write_text("filename,class0,mean\n/data/img0.jpg,3,3\n")
+            (folder / "metrics.csv").write_text(f"test_dice,{np.mean(list(dice.values()))}\ntest_cldice,0.5\n")
+            Image.fromarray(np.full((8, 10, 3), 40 * len(ev), np.uint8)).save(folder / "overlays" / "img0_topology.png")
+    results = study.collect(spec, runs)
+    assert list(results["s"]) == ["a+plain", "a+dti", "b+plain", "b+dti"]
+    rows = study.table_rows(spec, results)
+    assert [r["label"] for r in rows] == ["A", "A + DTI", "B", "B + DTI"]
+    for row in rows:
+        method, ev = row["method"].split("+")
+        expected = study.read_metrics(tmp_path / "s" / method / "seed0" / f"test_{ev}")["dice"]
+        assert row["dice_mean"] == pytest.approx(expected) and "iou_mean" not in row
+    base = results["s"]["a+dti"]
+    assert rows[3]["median_dice_diff"] == pytest.approx(study.wilcoxon_vs(results["s"]["b+dti"], base)[0])
+    assert rows[0]["wilcoxon_p"] == rows[1]["wilcoxon_p"] == ""  # the baseline's rows, each under its evaluation
+    study.write_tables(rows, spec, tmp_path / "report")
+    table = (tmp_path / "report" / "results_tables.md").read_text()
+    assert "| method | seeds | Dice | clDice ↓ | Δ median Dice vs a | Wilcoxon p | train min |" in table
+    assert "val Dice" not in table
+    written = study.plot(spec, results, runs, tmp_path / "report")
+    assert [p.name for p in written] == ["dice_boxplot_s.png", "test_image_s.png"]
+    assert Image.open(written[1]).size[0] > 400

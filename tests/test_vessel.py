@@ -1,7 +1,7 @@
 """
 The vessel task as a user runs it (configs/vessel/*.yaml over the bundle's configs): prepare → train on patches with
 a difficulty pass → evaluate whole images with the metrics of tubular.md §1 inside the field of view → infer with
-uncertainty maps, on a real CHASE_DB1 slice (skipped without the data) and on a generated set in DRIVE's layout;
+uncertainty maps and a picture of where the mask breaks, on a real CHASE_DB1 slice (skipped without the data) and on a generated set in DRIVE's layout;
 the adaptive ε of patches, the overlays, and the patch-size error.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import skimage.measure
 import torch
 from conftest import CHASE, bundle_error, needs, parse, read_json, run
 from monai.data import list_data_collate
@@ -24,6 +25,7 @@ from scipy.stats import rankdata
 from skimage.morphology import skeletonize
 from test_vessel_data import _drive
 
+from scripts.figures import TOPOLOGY_COLOURS
 from scripts.losses import PolyDiceLoss
 from scripts.prepare_data import main as prepare
 
@@ -121,10 +123,14 @@ def _chase_run(chase_data: Path, out: Path) -> None:
     run("-m", "monai.bundle", "run", "evaluating", "--config_file", config_files(EVALUATE), "--dataset_dir",
         str(chase_data), "--ckpt_dir", str(out / "balanced"), "--output_dir", str(out / "report"), *TINY_NET)
     # inference with 2 MC samples in 48-px windows (the defaults) on a 320 × 288 crop of the test photograph
+    # and its ground truth, for the picture of where the mask breaks
     (out / "photos").mkdir()
+    (out / "truths").mkdir()
     Image.open(CHASE / "Image_11L.jpg").crop((340, 330, 660, 618)).save(out / "photos" / "crop.png")
+    Image.open(CHASE / "Image_11L_1stHO.png").crop((340, 330, 660, 618)).save(out / "truths" / "crop_1stHO.png")
     run("-m", "monai.bundle", "run", "--config_file", config_files(INFER), "--input_dir", str(out / "photos"),
-        "--output_dir", str(out / "infer"), "--ckpt_dir", str(out / "balanced"), "--mc_samples", "2", *TINY_NET)
+        "--output_dir", str(out / "infer"), "--ckpt_dir", str(out / "balanced"), "--mc_samples", "2", *TINY_NET,
+        "--label_dir", str(out / "truths"))
 
 
 @needs(CHASE)
@@ -228,6 +234,33 @@ def test_inference_writes_the_mask_and_the_uncertainty_maps(chase_run):
     with open(out / "uncertainty.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert (row["height"], row["width"]) == ("288", "320") and int(row["area_pixels"]) == (mask > 0).sum()
+
+
+@needs(CHASE)
+def test_inference_and_evaluation_picture_where_the_mask_breaks(chase_run):
+    out = chase_run / "infer"
+    mask = np.asarray(Image.open(out / "crop_mask.png")) > 0
+    truth = np.asarray(Image.open(chase_run / "truths" / "crop_1stHO.png").convert("L")) > 0
+    picture = np.asarray(Image.open(out / "crop_topology.png"))
+    assert picture.shape == (288, 320, 3)
+    colours = {k: np.array(v) for k, v in TOPOLOGY_COLOURS.items()}
+    painted = {k: (picture == c).all(-1) for k, c in colours.items()}
+    # pixels no ring or defect covers keep the class they are in
+    plain = ~(painted["break"] | painted["fragment"])
+    assert painted["vessel"][plain].sum() == (mask & truth)[plain].sum() > 0
+    assert painted["missed"][plain].sum() == (truth & ~mask)[plain].sum() > 0
+    assert painted["false_positive"][plain].sum() == (mask & ~truth)[plain].sum()
+    with open(out / "topology.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    pieces = skimage.measure.label(mask, connectivity=2)
+    assert int(row["fragments"]) == int((np.bincount(pieces.ravel())[1:] < 100).sum())
+    assert float(row["missed_fraction"]) == pytest.approx((truth & ~mask).sum() / truth.sum(), abs=1e-6)
+    assert int(row["breaks"]) >= 0 and painted["break"].any() == (int(row["breaks"]) > 0)
+    # evaluation draws the same picture of each test image, inside its field of view
+    report = chase_run / "report" / "overlays"
+    assert np.asarray(Image.open(report / "Image_11L_topology.png")).shape == (960, 999, 3)
+    with open(report / "topology.csv", newline="") as f:
+        assert [Path(r["image"]).name for r in csv.DictReader(f)] == ["Image_11L.jpg"]
 
 
 # ---- without real data: overlays, the patch-size error, DRIVE's layout ----------------------------------------

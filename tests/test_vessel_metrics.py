@@ -21,7 +21,8 @@ from scripts.errors import InputError
 from scripts.handlers import (AtomicMetricsSaver, BettiError, ClDice, ComponentRatio, FieldOfViewConfusionMatrix,
                               FieldOfViewROCAUC)
 from scripts.metrics import (BettiErrorMetric, ClDiceMetric, ComponentRatioMetric, FieldOfViewConfusionMatrixMetric,
-                             FieldOfViewROCAUCMetric, betti_numbers)
+                             FieldOfViewROCAUCMetric, betti_numbers, topology_defects)
+from scripts.figures import TOPOLOGY_COLOURS, topology_overlay
 
 
 def broken_line():
@@ -352,3 +353,72 @@ def test_handlers_in_a_supervised_evaluator_write_per_image_rows(tmp_path):
     assert state["cldice"] == pytest.approx((8 / 9 + 22 / 23) / 2) and state["vca"] == pytest.approx(1.5)
     with open(tmp_path / "metrics.csv") as f:
         assert dict(line.strip().split(",") for line in f)["betti1"] == "0.5"
+
+
+# ---- where a mask breaks (scripts.metrics.topology_defects, scripts.figures.topology_overlay) -----------------
+
+
+def test_a_gap_between_two_pieces_is_a_break_and_a_small_piece_a_fragment():
+    p, g = broken_line()
+    defects = topology_defects(p, g, fragment_size=4)
+    assert defects["count"] == {"breaks": 1, "fragments": 0}  # each piece has 4 pixels: not < 4
+    np.testing.assert_array_equal(np.argwhere(defects["breaks"]), [[3, 5], [3, 6]])  # the gap
+    np.testing.assert_array_equal(defects["missed"], g & ~p)
+    defects = topology_defects(p, g, fragment_size=5)
+    assert defects["count"]["fragments"] == 2 and defects["fragments"].sum() == 8
+    assert topology_defects(p)["missed"] is None and topology_defects(p)["count"]["breaks"] == 0  # no label
+
+
+def test_a_missed_tip_or_a_cut_that_leaves_one_piece_is_not_a_break():
+    p, g = broken_line()
+    p[:] = g
+    p[3, 8:11] = False  # the line's last three pixels: a missed tip
+    assert topology_defects(p, g)["count"]["breaks"] == 0
+    p, g = ring()  # the ring cut once is still one piece
+    assert topology_defects(p, g)["count"]["breaks"] == 0 and topology_defects(p, g)["missed"].sum() == 1
+
+
+def test_a_cut_branch_of_a_tree_is_one_break_and_the_small_pieces_fragments():
+    p, g = tree()
+    defects = topology_defects(p, g, fragment_size=9)
+    assert defects["count"] == {"breaks": 1, "fragments": 2}  # the spurious ring (8 px), the cut trunk's end (3 px)
+    np.testing.assert_array_equal(np.argwhere(defects["breaks"]), [[6, 6], [7, 6]])
+    np.testing.assert_array_equal(defects["fragments"][8:11, :7], p[8:11, :7])
+    assert defects["fragments"].sum() == 11
+
+
+def test_the_overlay_paints_breaks_fragments_misses_and_false_positives():
+    p, g = tree()
+    p[2, 1] = False  # a missed pixel that is no break (the bar's tip)
+    p[0, 12] = True  # a false positive, a one-pixel fragment
+    image = np.full(g.shape, 0.5)
+    out = topology_overlay(image, topology_defects(p, g, fragment_size=2), p, g, radius=1)
+    assert out.shape == g.shape + (3,) and out.dtype == np.uint8
+    colours = {k: tuple(v) for k, v in TOPOLOGY_COLOURS.items()}
+    assert tuple(out[2, 5]) == colours["vessel"]
+    assert tuple(out[6, 6]) == colours["break"] and tuple(out[2, 1]) == colours["missed"]
+    assert tuple(out[0, 12]) == colours["fragment"]  # the fragment's colour over the false positive's
+    assert tuple(out[11, 0]) == (75, 75, 75)  # the photograph, dimmed
+
+
+def test_the_break_picture_names_a_ground_truth_of_another_size_and_a_missing_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from monai.data import MetaTensor
+    from PIL import Image
+
+    from scripts.handlers import TopologyOverlaySaver
+
+    with pytest.raises(InputError, match=f"--label_dir {tmp_path / 'nowhere'} is not a folder"):
+        TopologyOverlaySaver(tmp_path / "out", label_dir=tmp_path / "nowhere")
+    (tmp_path / "truths").mkdir()
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "truths" / "eye_1stHO.png")
+    saver = TopologyOverlaySaver(tmp_path / "out", label_dir=tmp_path / "truths")
+    meta = {"filename_or_obj": "/photos/eye.jpg"}
+    item = {"pred": MetaTensor(torch.zeros(50, 30), meta=meta), "image": MetaTensor(torch.zeros(3, 50, 30))}
+    engine = SimpleNamespace(state=SimpleNamespace(output=[item]))
+    saver._start(engine)
+    with pytest.raises(InputError) as info:
+        saver(engine)
+    assert str(info.value) == (f"ground truth {tmp_path / 'truths' / 'eye_1stHO.png'} is 40×30 (W×H) but its image "
+                               "/photos/eye.jpg is 50×30.")
