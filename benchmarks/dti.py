@@ -158,8 +158,8 @@ def sliding_window_inference(data_dir: Path, image: str, crop: list[int] | None,
     x = torch.from_numpy(photo.transpose(2, 1, 0).copy())[None]  # (1, 3, W, H), the bundle's axis order
     base = [str(BUNDLE_ROOT / "configs" / c) for c in ("inference.yaml", "vessel/inference.yaml")]
     runs = {}
-    for name, overlays in (("U-Net (configs/vessel/unet.yaml)", []),
-                           ("FR U-Net (configs/vessel/frunet.yaml)", [str(BUNDLE_ROOT / "configs/vessel/frunet.yaml")])):
+    frunet = [str(BUNDLE_ROOT / "configs/vessel/frunet.yaml")]
+    for name, overlays in (("U-Net (configs/vessel/unet.yaml)", []), ("FR U-Net (configs/vessel/frunet.yaml)", frunet)):
         parser = ConfigParser()
         parser.read_config(base + overlays)
         parser["bundle_root"] = str(BUNDLE_ROOT)

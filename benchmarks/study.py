@@ -29,7 +29,8 @@ another task (benchmarks/study_chase_cpu.yaml, the vessel study):
   configs/train.yaml, configs/evaluate.yaml, the method's overlays, then the entry's (configs/vessel/evaluate.yaml,
   configs/vessel/dti.yaml), into ``<split>_<name>/``; a report row per method and entry. Default: one unnamed entry
   with no overlays, into ``<split>/``;
-- ``metrics``: the ``test_<metric>`` means the report shows (default: dice, iou, precision, recall); ``lower``: those
+- ``metrics``: the ``test_<metric>`` means the report shows (default: dice, iou, precision, recall), and
+  ``breaks`` and ``fragments`` per image from the vessel evaluation's ``overlays/topology.csv``; ``lower``: those
   of them for which lower is better;
 - ``eval_splits``: the lists scored (default [validation, test]; without validation there is no ``select``);
 - ``title``: the data set's name on the plots; ``figure`` (``image``: a test image's stem, ``crop``: [x, y, w, h]
@@ -59,7 +60,8 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("dice", "iou", "precision", "recall")  # configs/evaluate.yaml's test_<metric>
 METRIC_LABELS = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall", "cldice": "clDice",
                  "vca": "VCA", "betti0_error": "Betti-0 error", "betti1_error": "Betti-1 error", "auc": "AUC",
-                 "sensitivity": "Sensitivity", "specificity": "Specificity", "accuracy": "Accuracy"}
+                 "sensitivity": "Sensitivity", "specificity": "Specificity", "accuracy": "Accuracy",
+                 "breaks": "Breaks", "fragments": "Fragments"}
 NO_EVALUATIONS = {"": {"label": "", "configs": []}}
 
 
@@ -247,9 +249,16 @@ def run_study(spec: dict, runs: list[Run], output: Path, jobs: int, threads: int
 # ---------------------------------------------------------------------------------------------------- the report
 def read_metrics(folder: Path) -> dict[str, float]:
     """The mean over images of each metric that ``evaluating`` wrote to ``folder`` (MetricsSaver's ``metrics.csv``,
-    ``test_dice,0.81`` lines), by the names of METRICS: ``{"dice": 0.81, ...}``."""
+    ``test_dice,0.81`` lines), by the names of METRICS: ``{"dice": 0.81, ...}``; with the vessel evaluation's
+    ``overlays/topology.csv``, also the mean ``breaks`` and ``fragments`` per image."""
     with open(folder / "metrics.csv", newline="") as f:
-        return {name.removeprefix("test_"): float(value) for name, value in csv.reader(f)}
+        metrics = {name.removeprefix("test_"): float(value) for name, value in csv.reader(f)}
+    topology = folder / "overlays" / "topology.csv"
+    if topology.is_file():
+        with open(topology, newline="") as f:
+            rows = list(csv.DictReader(f))
+        metrics.update({k: statistics.fmean(float(r[k]) for r in rows) for k in ("breaks", "fragments")})
+    return metrics
 
 
 def per_image_dice(folder: Path) -> dict[str, float]:
@@ -353,7 +362,9 @@ def write_tables(rows: list[dict], spec: dict, report: Path) -> None:
         lines += [f"### {split} split", "", "| method | seeds | " + " | ".join(heads) + " |",
                   "|---" * (len(heads) + 2) + "|"]
         for row in (r for r in rows if r["split"] == split):
-            cells = [f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f}" for m in metrics]
+            # counts (components, holes) and their ratios run into the hundreds: 4 decimals only below 10
+            cells = [f"{row[f'{m}_mean']:.{4 if abs(row[f'{m}_mean']) < 10 else 1}f} ± "
+                     f"{row[f'{m}_std']:.{4 if abs(row[f'{m}_mean']) < 10 else 1}f}" for m in metrics]
             if validation:
                 cells.append(f"{row['val_dice_mean']:.4f}")
             cells.append("" if row["median_dice_diff"] == "" else f"{row['median_dice_diff']:+.4f}")
@@ -438,6 +449,14 @@ def plot_test_image(spec: dict, runs: list[Run], out_png: Path) -> list[Path]:
         ax.set_title(f"{label}\nDice {scores['dice']:.3f}, clDice {scores['cldice']:.3f}, "
                      f"Betti-0 error {scores['betti0_error']:.0f}", fontsize=8)
     fig.suptitle(f"{image} (seed {spec['seeds'][0]}), pixels x {x}–{x + w}, y {y}–{y + h}", fontsize=9)
+    sys.path.insert(0, str(BUNDLE_ROOT))  # the bundle's colours
+    from matplotlib.patches import Patch
+    from scripts.figures import TOPOLOGY_COLOURS
+
+    names = {"vessel": "predicted vessel", "false_positive": "predicted, not in the label", "missed": "missed vessel",
+             "break": "break (ringed)", "fragment": "fragment (ringed)"}
+    handles = [Patch(facecolor=np.array(c) / 255, edgecolor="0.4", label=names[k]) for k, c in TOPOLOGY_COLOURS.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
     FigureCanvasAgg(fig)
     fig.savefig(out_png, dpi=110)
     return [out_png]

@@ -34,7 +34,8 @@ from monai.utils import MetricReduction, ensure_tuple
 
 from scripts.errors import InputError, check_choice, check_int
 
-__all__ = ["betti_numbers", "count_components", "topology_defects", "FieldOfViewMetric", "ClDiceMetric", "ComponentRatioMetric",
+__all__ = ["betti_numbers", "count_components", "topology_defects", "FieldOfViewMetric", "ClDiceMetric",
+           "ComponentRatioMetric",
            "BettiErrorMetric", "FieldOfViewConfusionMatrixMetric", "FieldOfViewROCAUCMetric"]
 
 REDUCTIONS = tuple(r.value for r in MetricReduction)

@@ -109,7 +109,8 @@ def test_evaluation_variants_are_rows_with_their_own_metrics_and_figure(tmp_path
     spec = {"baseline": "a", "splits": {"s": ""}, "seeds": [0], "eval_splits": ["test"], "title": "T",
             "methods": {"a": {"label": "A"}, "b": {"label": "B"}},
             "evaluations": {"plain": {"label": "", "configs": []}, "dti": {"label": " + DTI", "configs": []}},
-            "metrics": ["dice", "cldice"], "lower": ["cldice"], "figure": {"image": "img0", "crop": [2, 1, 6, 4]}}
+            "metrics": ["dice", "cldice", "breaks"], "lower": ["cldice"],
+            "figure": {"image": "img0", "crop": [2, 1, 6, 4]}}
     runs = study.make_runs(spec, tmp_path)
     rng = np.random.default_rng(0)
     for r in runs:
@@ -125,6 +126,8 @@ def test_evaluation_variants_are_rows_with_their_own_metrics_and_figure(tmp_path
             (folder / "test_betti0_error_raw.csv").write_text("filename,class0,mean\n/data/img0.jpg,3,3\n")
             (folder / "metrics.csv").write_text(f"test_dice,{np.mean(list(dice.values()))}\ntest_cldice,0.5\n")
             Image.fromarray(np.full((8, 10, 3), 40 * len(ev), np.uint8)).save(folder / "overlays" / "img0_topology.png")
+            (folder / "overlays" / "topology.csv").write_text("image,breaks,fragments,missed_fraction\n"
+                                                             "/data/img0.jpg,3,10,0.1\n/data/img1.jpg,4,20,0.2\n")
     results = study.collect(spec, runs)
     assert list(results["s"]) == ["a+plain", "a+dti", "b+plain", "b+dti"]
     rows = study.table_rows(spec, results)
@@ -133,12 +136,13 @@ def test_evaluation_variants_are_rows_with_their_own_metrics_and_figure(tmp_path
         method, ev = row["method"].split("+")
         expected = study.read_metrics(tmp_path / "s" / method / "seed0" / f"test_{ev}")["dice"]
         assert row["dice_mean"] == pytest.approx(expected) and "iou_mean" not in row
+        assert row["breaks_mean"] == 3.5  # the mean of topology.csv's rows
     base = results["s"]["a+dti"]
     assert rows[3]["median_dice_diff"] == pytest.approx(study.wilcoxon_vs(results["s"]["b+dti"], base)[0])
     assert rows[0]["wilcoxon_p"] == rows[1]["wilcoxon_p"] == ""  # the baseline's rows, each under its evaluation
     study.write_tables(rows, spec, tmp_path / "report")
     table = (tmp_path / "report" / "results_tables.md").read_text()
-    assert "| method | seeds | Dice | clDice ↓ | Δ median Dice vs a | Wilcoxon p | train min |" in table
+    assert "| method | seeds | Dice | clDice ↓ | Breaks | Δ median Dice vs a | Wilcoxon p | train min |" in table
     assert "val Dice" not in table
     written = study.plot(spec, results, runs, tmp_path / "report")
     assert [p.name for p in written] == ["dice_boxplot_s.png", "test_image_s.png"]

@@ -1,8 +1,8 @@
 """
 The vessel task as a user runs it (configs/vessel/*.yaml over the bundle's configs): prepare → train on patches with
 a difficulty pass → evaluate whole images with the metrics of tubular.md §1 inside the field of view → infer with
-uncertainty maps and a picture of where the mask breaks, on a real CHASE_DB1 slice (skipped without the data) and on a generated set in DRIVE's layout;
-the adaptive ε of patches, the overlays, and the patch-size error.
+uncertainty maps and a picture of where the mask breaks, on a real CHASE_DB1 slice (skipped without the data) and
+on a generated set in DRIVE's layout; the adaptive ε of patches, the overlays, and the patch-size error.
 """
 
 from __future__ import annotations
