@@ -110,7 +110,7 @@ def load_study(path: Path) -> dict:
         for overlay in ev.get("configs", []):
             if not (BUNDLE_ROOT / overlay).is_file():
                 raise SystemExit(f"{path}: evaluation {name!r} names {overlay}, which does not exist")
-    if spec.get("select") and "validation" not in spec.get("eval_splits", ["validation"]):
+    if spec.get("select") and "validation" not in eval_splits(spec):
         raise SystemExit(f"{path}: select chooses on the validation list, which eval_splits leaves out")
     for split, folder in spec["splits"].items():
         if not (BUNDLE_ROOT / folder / "datalist.json").is_file():
@@ -121,6 +121,10 @@ def load_study(path: Path) -> dict:
 
 def evaluations(spec: dict) -> dict:
     return spec.get("evaluations") or NO_EVALUATIONS
+
+
+def eval_splits(spec: dict) -> list[str]:
+    return spec.get("eval_splits", ["validation", "test"])
 
 
 def eval_folder(run: Run, split: str, evaluation: str) -> Path:
@@ -187,7 +191,7 @@ def run_one(run: Run, spec: dict, output: Path, env: dict) -> Run:
         state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
         state["trained"] = True
         run.save_state()
-    for split in spec.get("eval_splits", ["validation", "test"]):
+    for split in eval_splits(spec):
         for name, ev in evaluations(spec).items():
             execute(bundle_command(run, spec, "evaluating", ["configs/evaluate.yaml", *overlays, *ev["configs"]],
                                    {**extra, "eval_split": split,
@@ -278,7 +282,7 @@ def collect(spec: dict, runs: list[Run]) -> dict:
     """{split: {row: {"seeds": [...], "test": [{metric: mean}...], "val_dice": [...], "images": {image: [dice...]},
     ...}}}, one list item per seed (rows: :func:`report_rows`)"""
     results: dict = {s: {} for s in spec["splits"]}
-    validation = "validation" in spec.get("eval_splits", ["validation"])
+    validation = "validation" in eval_splits(spec)
     for r in runs:
         if not r.load_state().get("done"):
             continue
@@ -354,7 +358,7 @@ def write_tables(rows: list[dict], spec: dict, report: Path) -> None:
         writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
     metrics = spec.get("metrics", METRICS)
     lower = set(spec.get("lower", []))
-    validation = "validation" in spec.get("eval_splits", ["validation"])
+    validation = "validation" in eval_splits(spec)
     heads = [METRIC_LABELS.get(m, m) + (" ↓" if m in lower else "") for m in metrics]
     heads += ["val Dice"] * validation + [f"Δ median Dice vs {spec['baseline']}", "Wilcoxon p", "train min"]
     lines = []
