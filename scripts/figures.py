@@ -94,6 +94,8 @@ def topology_overlay(image: np.ndarray, defects: Mapping, pred: np.ndarray, labe
     from scipy import ndimage
     from skimage.draw import circle_perimeter
 
+    from scripts.metrics import EIGHT
+
     grey = np.asarray(image, dtype=np.float32)
     grey = grey.mean(axis=-1) if grey.ndim == 3 else grey
     out = np.repeat((np.clip(grey, 0, 1) * 150).astype(np.uint8)[..., None], 3, axis=-1)
@@ -104,7 +106,7 @@ def topology_overlay(image: np.ndarray, defects: Mapping, pred: np.ndarray, labe
         out[defects["missed"]] = TOPOLOGY_COLOURS["missed"]
     radius = radius or max(5, min(p.shape) // 100)
     for kind, colour in (("fragments", TOPOLOGY_COLOURS["fragment"]), ("breaks", TOPOLOGY_COLOURS["break"])):
-        marks, n = ndimage.label(defects[kind], np.ones((3, 3), dtype=bool))
+        marks, n = ndimage.label(defects[kind], EIGHT)  # a defect's pieces, as topology_defects counts them
         out[marks > 0] = colour
         for r, c in ndimage.center_of_mass(marks > 0, marks, range(1, n + 1)):
             for width in (0, 1):  # a ring two pixels wide

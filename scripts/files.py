@@ -7,9 +7,10 @@ and Windows), so the target is always either the old file or the new one.
 
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from monai.data import PILWriter
 
 from scripts.errors import InputError
 
-__all__ = ["atomic_write", "atomic_path", "AtomicPILWriter", "check_output_dir"]
+__all__ = ["atomic_write", "atomic_path", "write_csv", "AtomicPILWriter", "check_output_dir"]
 
 
 @contextmanager
@@ -49,6 +50,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator
     """``open(path, mode, **kwargs)`` through :func:`atomic_path`: the file appears whole when the block ends."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """A CSV file of ``header`` and ``rows``, written whole through :func:`atomic_path`."""
+    with atomic_write(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 class AtomicPILWriter(PILWriter):

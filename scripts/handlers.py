@@ -27,7 +27,7 @@ from PIL import Image
 from scripts.audit import label_suspicion, write_label_audit
 from scripts.difficulty import dice_error
 from scripts.errors import InputError, check_int
-from scripts.files import atomic_path, atomic_write
+from scripts.files import atomic_path, atomic_write, write_csv
 from scripts.metrics import (BettiErrorMetric, ClDiceMetric, ComponentRatioMetric, FieldOfViewConfusionMatrixMetric,
                              FieldOfViewROCAUCMetric, topology_defects)
 from scripts.uncertainty import check_chunk_size, mc_foreground_samples, uncertainty_maps
@@ -383,13 +383,7 @@ class UncertaintyReport:
     def _start(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._rows = []
-        self._write_csv()
-
-    def _write_csv(self) -> None:
-        with atomic_write(self.csv_path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(self.COLUMNS)
-            writer.writerows(self._rows)
+        write_csv(self.csv_path, self.COLUMNS, self._rows)
 
     def _save_map(self, values: np.ndarray, stem: Path, name: str, scheme: str) -> None:
         # NIfTI axes x, y = the frame's width, height (PIL order), 1 unit per pixel
@@ -422,7 +416,7 @@ class UncertaintyReport:
                          f"{mi[mask].mean():.6g}" if mask.any() else "", f"{entropy.mean():.6g}"])
         seconds = (time.perf_counter() - self._began) / max(len(rows), 1)
         self._rows.extend(row + [f"{seconds:.4f}"] for row in rows)
-        self._write_csv()
+        write_csv(self.csv_path, self.COLUMNS, self._rows)
 
 
 class TopologyOverlaySaver:
@@ -472,12 +466,11 @@ class TopologyOverlaySaver:
         a = a[-1] if a.ndim == 3 else a
         return a.T > 0.5
 
-    def _label(self, item: dict, source: str, shape: tuple) -> np.ndarray | None:
+    def _label(self, item: dict, source: str, stem: str, shape: tuple) -> np.ndarray | None:
         if item.get("label") is not None:
             return self._plane(item["label"])
         if self.label_dir is None:
             return None
-        stem = Path(source).name.split(".")[0]
         path = self.label_dir / self.label_pattern.format(stem=stem, id=stem.split("_")[0])
         if not path.is_file():
             return None
@@ -494,19 +487,17 @@ class TopologyOverlaySaver:
         items = items if isinstance(items, list) else monai.data.decollate_batch(items)
         for item in items:
             source = str(item[self.pred_key].meta["filename_or_obj"])
+            stem = Path(source).name.split(".")[0]
             pred = self._plane(item[self.pred_key])
-            label = self._label(item, source, pred.shape)
+            label = self._label(item, source, stem, pred.shape)
             defects = topology_defects(pred, label, self.fragment_size)
             image = item["image"].detach().cpu().numpy()  # (C, W, H) in [0, 1]
             picture = topology_overlay(np.moveaxis(image, 0, -1).transpose(1, 0, 2), defects, pred, label)
-            with atomic_path(self.output_dir / f"{Path(source).name.split('.')[0]}_topology.png") as tmp:
+            with atomic_path(self.output_dir / f"{stem}_topology.png") as tmp:
                 Image.fromarray(picture).save(tmp, format="PNG")
             missed = "" if label is None or not label.any() else f"{defects['missed'].sum() / label.sum():.6f}"
             self._rows.append([source, defects["count"]["breaks"], defects["count"]["fragments"], missed])
-        with atomic_write(self.output_dir / "topology.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(self.COLUMNS)
-            writer.writerows(self._rows)
+        write_csv(self.output_dir / "topology.csv", self.COLUMNS, self._rows)
 
 
 class FieldOfViewMetricHandler(IgniteMetricHandler):
@@ -591,7 +582,3 @@ class FieldOfViewConfusionMatrix(FieldOfViewMetricHandler, PerImageConfusionMatr
         # past ConfusionMatrix.__init__, which would build MONAI's metric over the whole image
         IgniteMetricHandler.__init__(self, metric_fn=metric_fn, output_transform=output_transform,
                                      save_details=save_details)
-
-
-__all__ += ["FieldOfViewMetricHandler", "ClDice", "ComponentRatio", "BettiError", "FieldOfViewROCAUC",
-            "FieldOfViewConfusionMatrix"]

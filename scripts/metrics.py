@@ -26,17 +26,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric, compute_roc_auc, get_confusion_matrix
 from monai.metrics.confusion_matrix import check_confusion_matrix_metric_name
 from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction, ensure_tuple
+from scipy import ndimage
 
 from scripts.errors import InputError, check_choice, check_int
 
 __all__ = ["betti_numbers", "count_components", "topology_defects", "FieldOfViewMetric", "ClDiceMetric",
-           "ComponentRatioMetric",
-           "BettiErrorMetric", "FieldOfViewConfusionMatrixMetric", "FieldOfViewROCAUCMetric"]
+           "ComponentRatioMetric", "BettiErrorMetric", "FieldOfViewConfusionMatrixMetric", "FieldOfViewROCAUCMetric"]
 
 REDUCTIONS = tuple(r.value for r in MetricReduction)
 EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity, as skimage's connectivity=2

@@ -19,6 +19,16 @@ from scripts.errors import InputError, is_int
 __all__ = ["DropoutUNet", "FullResolutionUNet", "mc_dropout"]
 
 
+# the blocks of both networks: BasicUNet's, with dropout only where MC dropout samples (None: no identity Dropout(0))
+_CONV = {"act": "relu", "norm": "batch", "bias": False, "dropout": None}
+_UP = {"upsample": "nontrainable", "pre_conv": None, "interp_mode": "bilinear", "align_corners": True}
+
+
+def _check_dropout(dropout) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise InputError(f"--dropout must be a number in [0.0, 1.0), got {dropout!r} ({type(dropout).__name__}).")
+
+
 class DropoutUNet(nn.Module):
     """
     Ronneberger U-Net with bilinear upsampling (thesis Table 1) and dropout after the last encoder block
@@ -65,23 +75,20 @@ class DropoutUNet(nn.Module):
             raise InputError(f'--features must be a list of five positive integers, e.g. "[64,128,256,512,512]", '
                              f"got {features!r} ({type(features).__name__}).")
         features = tuple(int(f) for f in features)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise InputError(f"--dropout must be a number in [0.0, 1.0), got {dropout!r} ({type(dropout).__name__}).")
+        _check_dropout(dropout)
         f0, f1, f2, f3, f4 = features
         spatial_dims = 2
-        conv = {"act": "relu", "norm": "batch", "bias": False, "dropout": None}  # None: no identity Dropout(0)
-        up = {"upsample": "nontrainable", "pre_conv": None, "interp_mode": "bilinear", "align_corners": True}
         self.features = features
-        self.inc = TwoConv(spatial_dims, in_channels, f0, **conv)
-        self.down1 = Down(spatial_dims, f0, f1, **conv)
-        self.down2 = Down(spatial_dims, f1, f2, **conv)
-        self.down3 = Down(spatial_dims, f2, f3, **conv)
-        self.down4 = Down(spatial_dims, f3, f4, **conv)
+        self.inc = TwoConv(spatial_dims, in_channels, f0, **_CONV)
+        self.down1 = Down(spatial_dims, f0, f1, **_CONV)
+        self.down2 = Down(spatial_dims, f1, f2, **_CONV)
+        self.down3 = Down(spatial_dims, f2, f3, **_CONV)
+        self.down4 = Down(spatial_dims, f3, f4, **_CONV)
         self.dropout_enc = nn.Dropout(dropout)
-        self.up1 = UpCat(spatial_dims, f4, f3, f2, **conv, **up)
-        self.up2 = UpCat(spatial_dims, f2, f2, f1, **conv, **up)
-        self.up3 = UpCat(spatial_dims, f1, f1, f0, **conv, **up)
-        self.up4 = UpCat(spatial_dims, f0, f0, f0, **conv, **up)
+        self.up1 = UpCat(spatial_dims, f4, f3, f2, **_CONV, **_UP)
+        self.up2 = UpCat(spatial_dims, f2, f2, f1, **_CONV, **_UP)
+        self.up3 = UpCat(spatial_dims, f1, f1, f0, **_CONV, **_UP)
+        self.up4 = UpCat(spatial_dims, f0, f0, f0, **_CONV, **_UP)
         self.dropout_dec = nn.Dropout(dropout)
         self.outc = nn.Conv2d(f0, out_channels, kernel_size=1)
 
@@ -222,32 +229,29 @@ class FullResolutionUNet(nn.Module):
             raise InputError(f"--features must be a list of at least two positive integers, the widths of the "
                              f'full-resolution scale and of each scale below it, e.g. "[32,64,128,256]", '
                              f"got {features!r} ({type(features).__name__}).")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise InputError(f"--dropout must be a number in [0.0, 1.0), got {dropout!r} ({type(dropout).__name__}).")
+        _check_dropout(dropout)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not is_int(value, 1):
                 raise InputError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
         f = tuple(int(v) for v in features)
         depth = len(f) - 1
         spatial_dims = 2
-        conv = {"act": "relu", "norm": "batch", "bias": False, "dropout": None}  # None: no identity Dropout(0)
-        up = {"upsample": "nontrainable", "pre_conv": None, "interp_mode": "bilinear", "align_corners": True}
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.features = f
         c = f[0]  # the residual stream's width
-        self.inc = TwoConv(spatial_dims, self.in_channels, c, **conv)
+        self.inc = TwoConv(spatial_dims, self.in_channels, c, **_CONV)
         # down[0] reads x_0 alone: the stream is x_0 itself until the first scale writes into it
         self.down = nn.ModuleList(
-            Down(spatial_dims, f[s - 1] + (c if s > 1 else 0), f[s], **conv) for s in range(1, depth + 1)
+            Down(spatial_dims, f[s - 1] + (c if s > 1 else 0), f[s], **_CONV) for s in range(1, depth + 1)
         )
         self.down_to_stream = nn.ModuleList(nn.Conv2d(f[s], c, kernel_size=1) for s in range(1, depth + 1))
         self.dropout_enc = nn.Dropout(dropout)
-        self.up = nn.ModuleList(UpCat(spatial_dims, f[s + 1], f[s] + c, f[s], **conv, **up)
+        self.up = nn.ModuleList(UpCat(spatial_dims, f[s + 1], f[s] + c, f[s], **_CONV, **_UP)
                                 for s in reversed(range(1, depth)))
         self.up_to_stream = nn.ModuleList(nn.Conv2d(f[s], c, kernel_size=1) for s in reversed(range(1, depth)))
         # scale 0 on its own, not as up[-1]: it only reads the stream, and TorchScript can zip whole ModuleLists only
-        self.up_full = UpCat(spatial_dims, f[1], f[0] + c, f[0], **conv, **up)
+        self.up_full = UpCat(spatial_dims, f[1], f[0] + c, f[0], **_CONV, **_UP)
         self.dropout_dec = nn.Dropout(dropout)
         self.outc = nn.Conv2d(c, self.out_channels, kernel_size=1)
 

@@ -257,18 +257,20 @@ def check_trained_model(path: str | Path, network: nn.Module, **settings) -> boo
         raise InputError(f"{path} cannot be read: it was cut short by a crash or is not a PyTorch file "
                          f"({type(e).__name__}); restore it (see {path.parent / PREVIOUS}) or train again.") from e
     state = state.get("model", state) if isinstance(state, dict) else state
-    trained, trained_network = {}, ""
+    trained, trained_class = {}, ""
     run_file = path.parent / RUN_FILE
     if run_file.is_file():
         try:
             record = json.loads(run_file.read_text())
-            trained, trained_network = record.get("settings", {}), record.get("fingerprint", {}).get("network", "")
+            trained = record.get("settings", {})
+            # the fingerprint describes the network as "ClassName(settings...)"
+            trained_class = record.get("fingerprint", {}).get("network", "").split("(")[0]
         except ValueError:
             logger.warning(f"{run_file} is not valid JSON; checking {path} by its tensor shapes only.")
     # the class first: another network's --features would otherwise be the confusing first difference
     built = type(getattr(network, "module", network)).__name__
-    if trained_network and trained_network.split("(")[0] != built:
-        raise InputError(f"{path} was trained as {trained_network.split('(')[0]} (recorded in {run_file}) but this "
+    if trained_class and trained_class != built:
+        raise InputError(f"{path} was trained as {trained_class} (recorded in {run_file}) but this "
                          f"command builds {built}: add the network overlay it was trained with last to "
                          "--config_file (the vessel task: configs/vessel/frunet.yaml or configs/vessel/unet.yaml).")
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
