@@ -12,7 +12,10 @@ Runs go side by side (``--jobs``; on a GPU they share it), each in ``<output>/<s
 ``MetricsSaver`` files (``metrics.csv``, ``test_<metric>_raw.csv`` and ``_summary.csv``), logs and ``run.json``).
 Started again, the study skips finished runs and resumes a run cut short from its last checkpoint (``--resume
 True``). A method with ``eps_from: <adaptive method>`` trains PolyDice-1 at the mean ε the adaptive run of the same
-split and seed ended with, so it starts when that run has finished.
+split and seed ended with, so it starts when that run has finished; one with ``backbone: <method>`` is a second
+stage on that method's model of the same split and seed (``--backbone_dir``, configs/vessel/train_refiner.yaml) and
+waits for it likewise. A run is scored with each evaluation whose folder has no ``metrics.csv`` yet, so an evaluation
+added to a finished study runs alone.
 
 The report (``--report``, default ``<output>``) is ``results.md`` and ``results.csv``: per split, the mean ± std over
 seeds of test Dice, IoU, precision and recall, the Wilcoxon signed-rank test of each method against the baseline
@@ -22,20 +25,22 @@ per-image test Dice, and the ε distribution over the passes of every adaptive m
 
 Study file (YAML): ``budget`` (overrides for every run), ``splits`` (name: prepared dataset_dir), ``seeds``,
 ``baseline`` (a method name), ``methods`` (name: ``label``, ``configs`` (overlays after configs/train.yaml),
-``overrides``, ``eps_from``) and optionally ``select`` (name: ``label``, ``from`` (method names)). Optional keys for
-another task (benchmarks/study_chase_cpu.yaml, the vessel study):
+``overrides``, ``eps_from``, ``backbone``) and optionally ``select`` (name: ``label``, ``from`` (method names)).
+Optional keys for another task (benchmarks/study_chase_cpu.yaml, the vessel study):
 
-- ``evaluations`` (name: ``label``, ``configs``): each trained run is scored once per entry, with
+- ``evaluations`` (name: ``label``, ``configs``, ``overrides``): each trained run is scored once per entry, with
   configs/train.yaml, configs/evaluate.yaml, the method's overlays, then the entry's (configs/vessel/evaluate.yaml,
-  configs/vessel/dti.yaml), into ``<split>_<name>/``; a report row per method and entry. Default: one unnamed entry
-  with no overlays, into ``<split>/``;
+  configs/vessel/dti.yaml) and its overrides, into ``<split>_<name>/``; a report row per method and entry. A
+  method's ``evaluations`` (a list of names) limits it to those. Default: one unnamed entry with no overlays, into
+  ``<split>/``;
 - ``metrics``: the ``test_<metric>`` means the report shows (default: dice, iou, precision, recall), and
   ``breaks`` and ``fragments`` per image from the vessel evaluation's ``overlays/topology.csv``; ``lower``: those
   of them for which lower is better;
 - ``eval_splits``: the lists scored (default [validation, test]; without validation there is no ``select``);
 - ``title``: the data set's name on the plots; ``figure`` (``image``: a test image's stem, ``crop``: [x, y, w, h]
-  in its pixels): one row per report row of that image's ``overlays/<stem>_topology.png`` (written by
-  configs/vessel/evaluate.yaml) from the first seed.
+  in its pixels, optionally ``rows``: the report rows to show, in order): the image's ground truth, then one panel
+  per report row of that image's ``overlays/<stem>_topology.png`` (written by configs/vessel/evaluate.yaml) from the
+  first seed.
 """
 
 from __future__ import annotations
@@ -100,8 +105,12 @@ def load_study(path: Path) -> dict:
         for overlay in m.get("configs", []):
             if not (BUNDLE_ROOT / overlay).is_file():
                 raise SystemExit(f"{path}: method {name!r} names {overlay}, which does not exist")
-        if m.get("eps_from") and m["eps_from"] not in methods:
-            raise SystemExit(f"{path}: method {name!r} takes eps_from {m['eps_from']!r}, which is not a method")
+        for key in ("eps_from", "backbone"):
+            if m.get(key) and m[key] not in methods:
+                raise SystemExit(f"{path}: method {name!r} takes {key} {m[key]!r}, which is not a method")
+        unknown = set(m.get("evaluations", [])) - set(evaluations(spec))
+        if unknown:
+            raise SystemExit(f"{path}: method {name!r} names unknown evaluation(s) {sorted(unknown)}")
     for name, sel in (spec.get("select") or {}).items():
         unknown = set(sel["from"]) - set(methods)
         if unknown:
@@ -119,8 +128,11 @@ def load_study(path: Path) -> dict:
     return spec
 
 
-def evaluations(spec: dict) -> dict:
-    return spec.get("evaluations") or NO_EVALUATIONS
+def evaluations(spec: dict, method: str | None = None) -> dict:
+    """The study's evaluations, or those of ``method`` (its ``evaluations`` list, by default all)."""
+    evs = spec.get("evaluations") or NO_EVALUATIONS
+    chosen = spec["methods"][method].get("evaluations") if method else None
+    return {k: v for k, v in evs.items() if chosen is None or k in chosen}
 
 
 def eval_splits(spec: dict) -> list[str]:
@@ -132,7 +144,7 @@ def eval_folder(run: Run, split: str, evaluation: str) -> Path:
 
 
 def make_runs(spec: dict, output: Path) -> list[Run]:
-    return [Run(split, method, seed, output / split / method / f"seed{seed}", m.get("eps_from"))
+    return [Run(split, method, seed, output / split / method / f"seed{seed}", m.get("eps_from") or m.get("backbone"))
             for split in spec["splits"] for seed in spec["seeds"] for method, m in spec["methods"].items()]
 
 
@@ -172,15 +184,26 @@ def execute(command: list[str], log: Path, env: dict) -> float:
     return time.perf_counter() - began
 
 
+def chained_overrides(run: Run, spec: dict, output: Path, state: dict | None) -> dict:
+    """What a run takes from the run of the same split and seed it depends on: ``--backbone_dir``, or ``--eps``
+    (kept in ``state``; ``state=None``, a dry run: a placeholder)."""
+    method = spec["methods"][run.method]
+    other = output / run.split / (run.depends_on or "") / f"seed{run.seed}"
+    if method.get("backbone"):
+        return {"backbone_dir": str(other / "models")}
+    if method.get("eps_from"):
+        if state is None:
+            return {"eps": f"<mean eps of {run.depends_on}>"}
+        return {"eps": state.setdefault("eps", final_mean_eps(other / "train"))}
+    return {}
+
+
 def run_one(run: Run, spec: dict, output: Path, env: dict) -> Run:
     """Train (resuming a run cut short), then score on the validation and the test list."""
     state = run.load_state()
     method = spec["methods"][run.method]
     overlays = list(method.get("configs", []))
-    extra = {"output_dir": str(run.folder / "train")}
-    if run.depends_on:
-        extra["eps"] = state.setdefault("eps", final_mean_eps(output / run.split / run.depends_on
-                                                              / f"seed{run.seed}" / "train"))
+    extra = {"output_dir": str(run.folder / "train"), **chained_overrides(run, spec, output, state)}
     run.folder.mkdir(parents=True, exist_ok=True)
     if not state.get("trained"):
         resume = any((run.folder / "models").glob("*checkpoint_*.pt"))
@@ -191,21 +214,26 @@ def run_one(run: Run, spec: dict, output: Path, env: dict) -> Run:
         state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
         state["trained"] = True
         run.save_state()
-    for split in eval_splits(spec):
-        for name, ev in evaluations(spec).items():
-            execute(bundle_command(run, spec, "evaluating", ["configs/evaluate.yaml", *overlays, *ev["configs"]],
-                                   {**extra, "eval_split": split,
-                                    "output_dir": str(eval_folder(run, split, name))}),
-                    run.folder / "evaluate.log", env)
+    for split, name, ev in missing_evaluations(run, spec):
+        execute(bundle_command(run, spec, "evaluating", ["configs/evaluate.yaml", *overlays, *ev["configs"]],
+                               {**extra, **ev.get("overrides", {}), "eval_split": split,
+                                "output_dir": str(eval_folder(run, split, name))}),
+                run.folder / "evaluate.log", env)
     state["done"] = True
     run.save_state()
     return run
 
 
+def missing_evaluations(run: Run, spec: dict) -> list[tuple[str, str, dict]]:
+    """(split, name, entry) of each evaluation of ``run`` that has not written its metrics yet."""
+    return [(split, name, ev) for split in eval_splits(spec) for name, ev in evaluations(spec, run.method).items()
+            if not (eval_folder(run, split, name) / "metrics.csv").is_file()]
+
+
 def run_study(spec: dict, runs: list[Run], output: Path, jobs: int, threads: int) -> list[str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(BUNDLE_ROOT), os.environ.get("PYTHONPATH")]))}
-    todo = [r for r in runs if not r.load_state().get("done")]
+    todo = [r for r in runs if not r.load_state().get("done") or missing_evaluations(r, spec)]
     # the runs others wait for go first
     needed = {r.depends_on for r in runs if r.depends_on}
     todo.sort(key=lambda r: (r.method not in needed, r.depends_on is not None))
@@ -240,7 +268,7 @@ def run_study(spec: dict, runs: list[Run], output: Path, jobs: int, threads: int
                         future.result()
                         done_names.add(r.name)
                         durations.append(minutes)
-                        dice = read_metrics(eval_folder(r, "test", next(iter(evaluations(spec)))))["dice"]
+                        dice = read_metrics(eval_folder(r, "test", next(iter(evaluations(spec, r.method)))))["dice"]
                         left = statistics.fmean(durations) * (total - finished) / jobs
                         print(f"[{finished:3d}/{total}] done   {r.name} in {minutes:.1f} min, test Dice {dice:.4f}"
                               f" | elapsed {elapsed:.1f} min, about {left:.0f} min left", flush=True)
@@ -275,7 +303,7 @@ def report_rows(spec: dict) -> list[tuple[str, str, str, str]]:
     """(row, method, evaluation, label) of each method × evaluation: the row is the method's name, or with named
     evaluations ``<method>+<evaluation>``."""
     return [(f"{m}+{ev}" if ev else m, m, ev, spec["methods"][m].get("label", m) + e.get("label", ""))
-            for m in spec["methods"] for ev, e in evaluations(spec).items()]
+            for m in spec["methods"] for ev, e in evaluations(spec, m).items()]
 
 
 def collect(spec: dict, runs: list[Run]) -> dict:
@@ -333,7 +361,9 @@ def table_rows(spec: dict, results: dict) -> list[dict]:
                 names.append((sel_name, best, label, ""))
         for name, row_name, label, ev in names:
             entry = entries[row_name]
-            base = entries.get(f"{spec['baseline']}+{ev}" if ev else spec["baseline"])
+            # the baseline under the same evaluation, or (a method scored otherwise, e.g. a refiner) under its first
+            base = entries.get(f"{spec['baseline']}+{ev}" if ev else spec["baseline"]) or next(
+                (entries[r] for r, m, _, _ in report_rows(spec) if m == spec["baseline"] and r in entries), None)
             row = {"split": split, "method": name, "label": label, "seeds": len(entry["seeds"])}
             for metric in spec.get("metrics", METRICS):
                 values = [t[metric] for t in entry["test"]]
@@ -398,8 +428,8 @@ def plot(spec: dict, results: dict, runs: list[Run], report: Path) -> list[Path]
         written.append(report / f"dice_boxplot_{split}.png")
         fig.savefig(written[-1], dpi=110)
         if spec.get("figure"):
-            written += plot_test_image(spec, [r for r in runs if r.split == split and r.seed == spec["seeds"][0]],
-                                       report / f"test_image_{split}.png")
+            first_seed = [r for r in runs if r.split == split and r.seed == spec["seeds"][0]]
+            written += plot_test_image(spec, split, first_seed, report / f"test_image_{split}.png")
 
         adaptive = [r for r in runs if r.split == split and r.seed == spec["seeds"][0]
                     and (r.folder / "train" / "difficulty_history.csv").exists() and r.state.get("done")]
@@ -423,9 +453,10 @@ def plot(spec: dict, results: dict, runs: list[Run], report: Path) -> list[Path]
     return written
 
 
-def plot_test_image(spec: dict, runs: list[Run], out_png: Path) -> list[Path]:
-    """One panel per report row: the ``figure`` image's topology overlay (crop) from the first seed's run, titled
-    with the row's label and that image's clDice and Betti-0 error."""
+def plot_test_image(spec: dict, split: str, runs: list[Run], out_png: Path) -> list[Path]:
+    """The ``figure`` image's ground truth (crop), then one panel per report row (or per row of its ``rows``): its
+    topology overlay from the first seed's run, titled with the row's label and that image's Dice, clDice and Betti-0
+    error."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from PIL import Image
@@ -441,16 +472,23 @@ def plot_test_image(spec: dict, runs: list[Run], out_png: Path) -> list[Path]:
                 panels.append((row, label, np.asarray(Image.open(overlay))[y: y + h, x: x + w], scores))
     if not panels:
         return []
-    order = [row for row, *_ in report_rows(spec)]
-    panels.sort(key=lambda p: order.index(p[0]))
+    order = spec["figure"].get("rows") or [row for row, *_ in report_rows(spec)]
+    panels = sorted((p for p in panels if p[0] in order), key=lambda p: order.index(p[0]))
+    datalist = BUNDLE_ROOT / spec["splits"][split] / "datalist.json"
+    items = json.loads(datalist.read_text())["test"] if datalist.is_file() else []
+    truth_file = next((datalist.parent / i["label"] for i in items if Path(i["image"]).name.split(".")[0] == image),
+                      None)
+    if truth_file is not None:
+        truth = (np.asarray(Image.open(truth_file).convert("L"))[y: y + h, x: x + w] > 127).astype(np.uint8) * 255
+        panels.insert(0, ("", "ground truth", truth, None))
     cols = 2
     rows = -(-len(panels) // cols)
     fig = Figure(figsize=(4.2 * cols, 4.2 * h / w * rows + 0.4 * rows), layout="constrained")
     for i, (_, label, crop, scores) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(crop, interpolation="nearest")
+        ax.imshow(crop, interpolation="nearest", cmap="gray")
         ax.set_axis_off()
-        ax.set_title(f"{label}\nDice {scores['dice']:.3f}, clDice {scores['cldice']:.3f}, "
+        ax.set_title(label if scores is None else f"{label}\nDice {scores['dice']:.3f}, clDice {scores['cldice']:.3f}, "
                      f"Betti-0 error {scores['betti0_error']:.0f}", fontsize=8)
     fig.suptitle(f"{image} (seed {spec['seeds'][0]}), pixels x {x}–{x + w}, y {y}–{y + h}", fontsize=9)
     sys.path.insert(0, str(BUNDLE_ROOT))  # the bundle's colours
@@ -489,8 +527,7 @@ def main() -> int:
     runs = make_runs(spec, output)
     if args.dry_run:
         for r in runs:
-            extra = {"output_dir": str(r.folder / "train"), **({"eps": "<mean eps of " + r.depends_on + ">"}
-                                                               if r.depends_on else {})}
+            extra = {"output_dir": str(r.folder / "train"), **chained_overrides(r, spec, output, None)}
             print(r.name, "\n   ", " ".join(bundle_command(r, spec, "training",
                                                            spec["methods"][r.method].get("configs", []), extra)))
         return 0

@@ -1,7 +1,8 @@
 # Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
 """
 The U-Net of the thesis (method.md §6) and a full-resolution U-Net for thin structures (tubular.md §3), both
-built from MONAI's BasicUNet blocks, with MC-dropout support.
+built from MONAI's BasicUNet blocks, with MC-dropout support, and the anisotropic-diffusion refiner that continues
+either of them (tubular.md §4).
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
-from scripts.errors import InputError, is_int
+from scripts.diffusion import AnisotropicDiffusion, rk4
+from scripts.errors import InputError, check_number, is_int
 
-__all__ = ["DropoutUNet", "FullResolutionUNet", "mc_dropout"]
+__all__ = ["DropoutUNet", "FullResolutionUNet", "DiffusionRefiner", "mc_dropout"]
 
 
 # the blocks of both networks: BasicUNet's, with dropout only where MC dropout samples (None: no identity Dropout(0))
@@ -300,6 +303,138 @@ class FullResolutionUNet(nn.Module):
         """The stochastic part, from ``dropout_enc`` to the logits ``(B, out_channels, H, W)``."""
         # one return type (not a return_features flag): TorchScript export (ckpt_export) compiles this method
         return self.outc(self.decode_features(feats))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half precision (autocast) to float32; float32 and float64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class DiffusionRefiner(nn.Module):
+    """
+    A trained backbone, frozen, followed by seed 003's anisotropic-diffusion refinement (tubular.md §4): a direction
+    head reads the backbone's last decoder feature map and the backbone's foreground probability diffuses along the
+    direction it estimates: meant to reconnect a vessel broken into fragments along its course, where DTI grows the
+    mask in every direction (docs/results_vessels.md measures how far it does on CHASE_DB1).
+
+    With F ``(B, f0, H, W)`` the feature map the backbone's ``outc`` reads and ``u₀ = softmax(outc(F))[:, 1]``:
+
+        w = head(F)                     (one k×k convolution, f0 → 2 channels: the only trained parameters)
+        v = w / |w|                     (per pixel, the unit vessel direction (v_x, v_y))
+        ∂u/∂t = ReLU(∇·(D ∇u)),  D = λ∥ v vᵀ + λ⊥ (I − v vᵀ),  u(0) = u₀
+        u = N steps of RK4 with step Δt, clamped to [0, 1] after each (scripts.diffusion.rk4)
+
+    The output is ``(B, 2, H, W)``, the shape of the backbone's logits, holding the *log*-probabilities
+    ``log [1 − u, u]`` (floored at ``log(min_probability)``): every consumer that applies a softmax to a backbone's
+    logits (validation and evaluation postprocessing, :class:`~scripts.uncertainty.MCDropoutInferer`, the MC pass,
+    MONAI's cross-entropy) reads the refined probabilities ``[1 − u, u]`` unchanged, and the cross-entropy of that
+    softmax is the binary cross-entropy of ``u`` itself (seed 003's code applied ``binary_cross_entropy_with_logits``
+    to probabilities instead, a bug).
+
+    ``backbone_window``: a backbone trained on small patches segments best when it sees windows of that size (the
+    vessel U-Net trained on 48-px patches: test Dice 0.71 in 48-px windows, 0.63 on whole CHASE_DB1 images), while
+    the diffusion must see the whole input, with no seams to stop it. So F and the logits come from MONAI's
+    ``SlidingWindowInferer`` over the input in ``backbone_window``-px windows (gaussian-weighted blending), and the
+    head and the solver run once on the whole input. ``None``: the backbone sees the whole input.
+
+    The backbone is frozen: its parameters do not require gradients and ``train()`` leaves it in eval mode, so
+    BatchNorm keeps its statistics and dropout is off while the head trains. The fast MC-dropout pass calls
+    :meth:`encode` once and :meth:`decode` per sample: each dropout sample of the backbone is refined on its own
+    (with windows, the encoder is part of each sample's windows). The solver runs in float32 outside autocast:
+    under mixed precision the backbone and the head run in half precision, the time stepping not.
+
+    Args:
+        backbone: a trained :class:`DropoutUNet` or :class:`FullResolutionUNet` (any network with ``encode``,
+            ``decode_features`` and a 1×1 conv ``outc`` to 2 channels).
+        direction_kernel: k, the head's kernel size, odd (seed 003 sweeps 1 .. 13; 9 is its best).
+        steps: N, RK4 steps (seed 003: 10 .. 10⁴, best near 10²–10³).
+        dt: Δt, the step (seed 003: 0.1); the diffusion reaches about ``sqrt(2 λ∥ N Δt)`` pixels along ``v``.
+        order: accuracy of the central differences: 2, 4, 6 or 8 (seed 003: 8).
+        lambda_parallel, lambda_perp: λ∥, λ⊥ (seed 003: 1 and 0).
+        backbone_window: the side of the backbone's windows (its training patch size), or None.
+        window_batch_size: backbone windows per call.
+        checkpoint_steps: when gradients are recorded, recompute each step in the backward pass instead of keeping
+            its intermediates (about 50 maps the size of ``u`` per step): what lets the head train through hundreds
+            of steps on large crops.
+        min_probability: the floor of both probabilities before the log (a clamped ``u`` of exactly 0 or 1 would
+            give −inf).
+
+    Input ``(B, C, H, W)`` as the backbone's; output ``(B, 2, H, W)`` log-probabilities, float32 (float64 for a
+    float64 backbone).
+    """
+
+    def __init__(self, backbone: nn.Module, direction_kernel: int = 9, steps: int = 100, dt: float = 0.1,
+                 order: int = 8, lambda_parallel: float = 1.0, lambda_perp: float = 0.0,
+                 backbone_window: int | None = None, window_batch_size: int = 64, checkpoint_steps: bool = True,
+                 min_probability: float = 1e-6) -> None:
+        super().__init__()
+        outc = getattr(backbone, "outc", None)
+        if not (callable(getattr(backbone, "encode", None)) and callable(getattr(backbone, "decode_features", None))
+                and isinstance(outc, nn.Conv2d) and outc.out_channels == 2):
+            raise InputError(f"the refiner's backbone must be a DropoutUNet or FullResolutionUNet (encode, "
+                             f"decode_features and a 2-channel outc), got {type(backbone).__name__}.")
+        if isinstance(direction_kernel, bool) or not is_int(direction_kernel, 1) or direction_kernel % 2 == 0:
+            raise InputError(f"--direction_kernel must be an odd integer >= 1 (seed 003 sweeps 1 .. 13), got "
+                             f"{direction_kernel!r} ({type(direction_kernel).__name__}).")
+        for name, value, low in (("--diffusion_steps", steps, 0), ("--backbone_window_batch", window_batch_size, 1)):
+            if not is_int(value, low):
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r} ({type(value).__name__}).")
+        if backbone_window is not None and not is_int(backbone_window, 1):
+            raise InputError(f"--backbone_window must be a positive integer (the backbone's training patch size) or "
+                             f"null, got {backbone_window!r} ({type(backbone_window).__name__}).")
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.backbone_class = type(backbone).__name__  # in the run's identity: a refiner is only its backbone's
+        self.direction_kernel = int(direction_kernel)
+        self.steps = int(steps)
+        self.dt = check_number(dt, "--diffusion_dt", 0.0)
+        self.backbone_window = backbone_window
+        self.checkpoint_steps = bool(checkpoint_steps)
+        self.min_probability = check_number(min_probability, "min_probability", 0.0, 0.5)
+        self.head = nn.Conv2d(outc.in_channels, 2, kernel_size=self.direction_kernel,
+                              padding=self.direction_kernel // 2)
+        self.diffusion = AnisotropicDiffusion(order, lambda_parallel, lambda_perp)
+        self._windows = None if backbone_window is None else SlidingWindowInferer(
+            roi_size=(backbone_window, backbone_window), sw_batch_size=window_batch_size, overlap=0.25,
+            mode="gaussian")
+
+    def train(self, mode: bool = True) -> DiffusionRefiner:
+        super().train(mode)
+        self.backbone.eval()  # frozen: no BatchNorm updates, no dropout while the head trains
+        return self
+
+    def direction(self, features: torch.Tensor) -> torch.Tensor:
+        """The unit direction field ``v`` ``(B, 2, H, W)``, at least float32, from F ``(B, f0, H, W)``."""
+        w = _at_least_float32(self.head(features))
+        return w * torch.rsqrt(w.square().sum(dim=1, keepdim=True) + 1e-12)
+
+    def refine(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``u`` ``(B, 1, H, W)`` after ``steps`` RK4 steps of the diffusion along ``v`` ``(B, 2, H, W)``."""
+        with torch.autocast(u.device.type, enabled=False):
+            return rk4(lambda x: self.diffusion(x, v), _at_least_float32(u), self.dt, self.steps,
+                       checkpoint_steps=self.checkpoint_steps)
+
+    def _features_and_logits(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        features = self.backbone.decode_features(feats)
+        return torch.cat([features, self.backbone.outc(features)], dim=1)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The deterministic part: the backbone's encoder (see :meth:`DropoutUNet.encode`); with backbone windows,
+        the input itself (each window's encoder then runs within every decode)."""
+        return [x] if self._windows is not None else self.backbone.encode(x)
+
+    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The backbone's stochastic part, the head and the solver: log-probabilities ``(B, 2, H, W)``."""
+        if self._windows is None:
+            z = self._features_and_logits(feats)
+        else:
+            z = self._windows(feats[0], lambda w: self._features_and_logits(self.backbone.encode(w)))
+        features, logits = z[:, :-2], z[:, -2:]
+        u = torch.softmax(_at_least_float32(logits), dim=1)[:, 1:2]
+        u = self.refine(u, self.direction(features))
+        return torch.log(torch.cat([1.0 - u, u], dim=1).clamp_min(self.min_probability))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

@@ -29,7 +29,8 @@ from torch import nn
 from scripts.errors import InputError
 from scripts.files import atomic_write
 
-__all__ = ["RunIdentity", "RandomStates", "check_trained_model", "describe", "describe_network"]
+__all__ = ["RunIdentity", "RandomStates", "check_trained_model", "load_trained_model", "trained_run", "describe",
+           "describe_network"]
 
 RUN_FILE = "run.json"  # the identity of the run whose files the checkpoint folder holds
 RUN_FILES = ("model.pt", "checkpoint_final.pt", RUN_FILE)  # plus checkpoint_epoch=N.pt
@@ -233,20 +234,20 @@ class RunIdentity:
         return found
 
 
-def check_trained_model(path: str | Path, network: nn.Module, **settings) -> bool:
+def check_trained_model(path: str | Path, network: nn.Module, option: str = "--ckpt_dir", **settings) -> bool:
     """
     Check, before an evaluation or inference starts, that ``path`` holds weights that fit ``network``: the file
     exists and loads with ``weights_only``, the ``run.json`` beside it (written by training) records the same
     network class and ``settings`` (e.g. ``features``, ``image_size``, ``dropout``) and every tensor has the
     network's shape.
-    Returns True, for use as a config step.
+    Returns True, for use as a config step. ``option`` is the command-line option that names the model's folder.
 
     Raises:
         InputError: naming the file and, for a model trained with other settings, the overrides to pass.
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path} does not exist: train a model first (configs/train.yaml) or point --ckpt_dir at "
+        raise InputError(f"{path} does not exist: train a model first (configs/train.yaml) or point {option} at "
                          "the folder that holds model.pt.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -272,7 +273,8 @@ def check_trained_model(path: str | Path, network: nn.Module, **settings) -> boo
     if trained_class and trained_class != built:
         raise InputError(f"{path} was trained as {trained_class} (recorded in {run_file}) but this "
                          f"command builds {built}: add the network overlay it was trained with last to "
-                         "--config_file (the vessel task: configs/vessel/frunet.yaml or configs/vessel/unet.yaml).")
+                         "--config_file (the vessel task: configs/vessel/frunet.yaml or unet.yaml, and "
+                         "configs/vessel/refiner.yaml for a refined model).")
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
     differing = {k: trained[k] for k in given if k in trained and trained[k] != given[k]}
     if differing:
@@ -286,6 +288,25 @@ def check_trained_model(path: str | Path, network: nn.Module, **settings) -> boo
             raise InputError(f"{path} does not fit network_def: {name} is {found} in the file but "
                              f"{tuple(tensor.shape)} here; pass the --features it was trained with.")
     return True
+
+
+def load_trained_model(path: str | Path, network: nn.Module, option: str = "--ckpt_dir", **settings) -> nn.Module:
+    """``network`` with the weights of ``path``, after :func:`check_trained_model`: a trained model as a part of
+    another, e.g. the frozen backbone of the diffusion refiner (``configs/vessel/train_refiner.yaml``)."""
+    check_trained_model(path, network, option=option, **settings)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    getattr(network, "module", network).load_state_dict(state.get("model", state))
+    return network
+
+
+def trained_run(path: str | Path) -> str:
+    """Which training run wrote the model ``path``: the run id of the ``run.json`` beside it, or, without one, the
+    SHA-1 of the file; for the identity of a run that builds on that model."""
+    run_file = Path(path).parent / RUN_FILE
+    try:
+        return f"run {json.loads(run_file.read_text())['run_id']}"
+    except (OSError, ValueError, KeyError):
+        return f"sha1 {hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]}" if Path(path).is_file() else "none"
 
 
 def _override(name: str, value) -> str:

@@ -1,6 +1,6 @@
 """
 The benchmarks run as a user runs them, at toy size: each exits 0 and prints its summary, with finite, positive
-figures. (``large_frame.py`` and ``study.py`` are run by test_inference.py and test_study.py.)
+figures. (``large_frame.py``, ``study.py`` and ``dti.py`` are run by test_inference.py, test_study.py and test_dti.py.)
 """
 
 from __future__ import annotations
@@ -56,3 +56,16 @@ def test_mc_inference():
     figure(r"^\| plain \(1 forward\) \| (\S+) \|", out)
     figure(r"^\| MC dropout \(N = 2, maps\) \| (\S+) \|", out)
     figure(r"^MC / plain latency: (\S+)x", out)
+
+
+def test_diffusion():
+    out = run("benchmarks/diffusion.py", "--quick", "--threads", "1").stdout
+    for row in ("∂u/∂x and ∂u/∂y", "ReLU(∇·(D∇u)), one evaluation"):
+        figure(rf"^\| {re.escape(row)}\s+\|\s+(\S+) \|", out)
+        figure(rf"^\| {re.escape(row)}\s+\|\s+\S+ \|\s+\S+ \|\s+(\S+) \|", out)
+    for row in ("U-Net, full width (Table 1)", "FR U-Net, vessel widths (frunet.yaml)", "solver, N = 2",
+                "solver, N = 5"):
+        figure(rf"^\| {re.escape(row)}\s+\|\s+[\d,]+ \|\s+(\S+) \|", out)
+    assert re.search(r"^target N = 100", out, re.MULTILINE) is None  # N = 100 is not among the toy run's steps
+    saved = {flag: figure(rf"^\| {flag}\s+\|\s+(\S+) \|", out) for flag in ("True", "False")}
+    assert saved["True"] < saved["False"]  # recomputing each step keeps less for the backward pass

@@ -147,3 +147,37 @@ def test_evaluation_variants_are_rows_with_their_own_metrics_and_figure(tmp_path
     written = study.plot(spec, results, runs, tmp_path / "report")
     assert [p.name for p in written] == ["dice_boxplot_s.png", "test_image_s.png"]
     assert Image.open(written[1]).size[0] > 400
+    all_rows = Image.open(written[1]).size[1]
+    spec["figure"]["rows"] = ["b+dti", "a+plain"]  # two panels: one row of the figure instead of two
+    study.plot_test_image(spec, "s", [r for r in runs if r.seed == 0], tmp_path / "two.png")
+    assert Image.open(tmp_path / "two.png").size[1] < 0.75 * all_rows
+
+
+def test_a_second_stage_waits_for_its_backbone_and_each_run_gets_only_its_missing_evaluations(tmp_path, monkeypatch):
+    """The refiner study's shape (benchmarks/study_refiner_cpu.yaml): a method trained on another's model
+    (``backbone``), methods scored with their own subsets of the evaluations, evaluations with their own overrides,
+    and an evaluation added to a finished run run alone."""
+    study = study_module()
+    spec = {"baseline": "unet", "splits": {"s": ""}, "seeds": [0], "eval_splits": ["test"], "budget": {"epochs": 1},
+            "methods": {"unet": {"evaluations": ["argmax"]},
+                        "k9": {"backbone": "unet", "configs": ["configs/vessel/refiner.yaml"],
+                               "overrides": {"diffusion_steps": 10}, "evaluations": ["n100", "n1000"]}},
+            "evaluations": {"argmax": {"label": "", "configs": []},
+                            "n100": {"label": ", N = 100", "configs": [], "overrides": {"diffusion_steps": 100}},
+                            "n1000": {"label": ", N = 1000", "configs": [], "overrides": {"diffusion_steps": 1000}}}}
+    unet, k9 = study.make_runs(spec, tmp_path)
+    assert k9.depends_on == "unet" and unet.depends_on is None
+    assert [row for row, *_ in study.report_rows(spec)] == ["unet+argmax", "k9+n100", "k9+n1000"]
+    assert study.chained_overrides(k9, spec, tmp_path, {}) == {"backbone_dir": str(tmp_path / "s/unet/seed0/models")}
+    k9.state = {"trained": True, "done": True, "train_seconds": 1.0}
+    k9.save_state()
+    (study.eval_folder(k9, "test", "n100")).mkdir(parents=True)
+    (study.eval_folder(k9, "test", "n100") / "metrics.csv").write_text("test_dice,0.5\n")
+    assert [name for _, name, _ in study.missing_evaluations(k9, spec)] == ["n1000"]
+    commands = []
+    monkeypatch.setattr(study, "execute", lambda command, log, env: commands.append(command) or 0.0)
+    study.run_one(k9, spec, tmp_path, {})
+    (command,) = commands  # no training, and only the missing evaluation
+    assert command[4] == "evaluating" and "--diffusion_steps=1000" in command and "--epochs=1" in command
+    assert f"--backbone_dir={tmp_path / 's/unet/seed0/models'}" in command
+    assert f"--output_dir={study.eval_folder(k9, 'test', 'n1000')}" in command

@@ -263,16 +263,98 @@ def test_inference_and_evaluation_picture_where_the_mask_breaks(chase_run):
         assert [Path(r["image"]).name for r in csv.DictReader(f)] == ["Image_11L.jpg"]
 
 
+REFINER = ["configs/vessel/refiner.yaml"]
+# the second stage, tiny: 64-px crops (2 per image) with the backbone in its 48-px windows, 2 solver steps
+REFINE_TINY = [*TINY_NET, "--patch_size", "64", "--patches_per_image", "2", "--diffusion_steps", "2",
+               "--val_interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def refined_run(chase_data, chase_run, tmp_path_factory) -> Path:
+    """
+    The refiner's second stage on chase_run's balanced model (copied to backbone/): two epochs, then resumed to
+    three; evaluated on the test image with 3 solver steps. Its folder: backbone/, models/, train/, report/, and
+    epoch1.pt, the first epoch's checkpoint.
+    """
+    out = tmp_path_factory.mktemp("refined")
+    (out / "backbone").mkdir()
+    for name in ("model.pt", "run.json"):
+        (out / "backbone" / name).write_bytes((chase_run / "balanced" / name).read_bytes())
+    common = ["--dataset_dir", str(chase_data), "--backbone_dir", str(out / "backbone"), "--ckpt_dir",
+              str(out / "models"), "--output_dir", str(out / "train"), *REFINE_TINY]
+    with one_thread():
+        for epochs, resume in (("2", "False"), ("3", "True")):
+            run("-m", "monai.bundle", "run", "training", "--config_file", config_files(TRAIN + REFINER + [
+                "configs/vessel/train_refiner.yaml"]), *common, "--epochs", epochs, "--resume", resume)
+            if resume == "False":  # kept aside: the resumed run's last two checkpoints replace it
+                (out / "epoch1.pt").write_bytes((out / "models" / "checkpoint_epoch=1.pt").read_bytes())
+        run("-m", "monai.bundle", "run", "evaluating", "--config_file", config_files(EVALUATE + REFINER),
+            "--dataset_dir", str(chase_data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "report"),
+            *TINY_NET, "--diffusion_steps", "3")
+    return out
+
+
+@needs(CHASE)
+def test_the_refiner_stage_trains_the_head_only_resumes_and_is_evaluated_by_overlay(chase_data, chase_run,
+                                                                                     refined_run):
+    models = refined_run / "models"
+    record = read_json(models / "run.json")
+    assert record["fingerprint"]["network"].startswith("DiffusionRefiner(backbone_class='DropoutUNet'")
+    backbone_run = read_json(refined_run / "backbone" / "run.json")["run_id"]
+    assert record["settings"]["backbone"] == f"run {backbone_run}" and record["settings"]["diffusion_order"] == 8
+    second, final = (torch.load(models / n, weights_only=True) for n in ("checkpoint_epoch=2.pt",
+                                                                          "checkpoint_final.pt"))
+    assert final["trainer"]["iteration"] == 3 * second["trainer"]["iteration"] // 2 > 0  # resumed to epoch 3
+    assert final["run_identity"]["run_id"] == record["run_id"]
+    # the schedule resumed with the run: cosine over the first command's 2 epochs, stepped at each epoch's end
+    assert final["lr_scheduler"]["last_epoch"] == 3 and final["lr_scheduler"]["T_max"] == 2
+    backbone = torch.load(refined_run / "backbone" / "model.pt", weights_only=True)
+    assert all(torch.equal(final["model"][f"backbone.{k}"], v) for k, v in backbone.items())  # loaded, then frozen
+    first = torch.load(refined_run / "epoch1.pt", weights_only=True)
+    assert not torch.equal(first["model"]["head.weight"], second["model"]["head.weight"])  # the head trains
+    assert len(final["optimizer"]["param_groups"][0]["params"]) == 2  # the head's weight and bias only
+    # the evaluation built the refiner (configs/vessel/refiner.yaml) and scored what the diffusion made of the mask
+    refined, plain = read_metrics(refined_run / "report"), read_metrics(chase_run / "report")
+    assert list(refined) == list(VESSEL_METRICS) and 0 < refined["dice"] < 1
+    assert refined["dice"] != plain["dice"]
+    # a refined model evaluated without the refiner's overlay, resume against another backbone, no backbone at all
+    assert bundle_error(EVALUATE, dataset_dir=str(chase_data), ckpt_dir=str(models), features=[4, 8, 8, 16, 16],
+                        num_workers=0).endswith(
+        "but this command builds DropoutUNet: add the network overlay it was trained with last to --config_file (the "
+        "vessel task: configs/vessel/frunet.yaml or unet.yaml, and configs/vessel/refiner.yaml for a refined model).")
+    stage = TRAIN + REFINER + ["configs/vessel/train_refiner.yaml"]
+    settings = dict(dataset_dir=str(chase_data), ckpt_dir=str(models), output_dir=str(refined_run / "train"),
+                    features=[4, 8, 8, 16, 16], num_workers=0, patch_size=64, patches_per_image=2, diffusion_steps=2,
+                    val_interval=1, epochs=3)
+    other = refined_run / "other_backbone"
+    other.mkdir()
+    (other / "model.pt").write_bytes((refined_run / "backbone" / "model.pt").read_bytes())
+    (other / "run.json").write_text((refined_run / "backbone" / "run.json").read_text().replace(backbone_run,
+                                                                                                "0th3rrun"))
+    message = bundle_error(stage, backbone_dir=str(other), resume=True, **settings)
+    assert f'belongs to another run (backbone: "run {backbone_run}" there, "run 0th3rrun" here)' in message
+    assert bundle_error(stage, backbone_dir=str(refined_run / "nothing"), **settings) == (
+        f"error: {refined_run / 'nothing' / 'model.pt'} does not exist: train a model first (configs/train.yaml) or "
+        "point --backbone_dir at the folder that holds model.pt.")
+
+
 # ---- without real data: overlays, the patch-size error, DRIVE's layout ----------------------------------------
 
 
 def test_overlays_choose_network_and_decision():
+    frunet = ["configs/vessel/frunet.yaml"]
     for files, network in ((TRAIN, "DropoutUNet"), (TRAIN + ["configs/vessel/unet.yaml"], "DropoutUNet"),
-                           (TRAIN + ["configs/vessel/frunet.yaml"], "FullResolutionUNet"),
-                           (INFER, "DropoutUNet"), (INFER + ["configs/vessel/frunet.yaml"], "FullResolutionUNet")):
+                           (TRAIN + frunet, "FullResolutionUNet"),
+                           (INFER, "DropoutUNet"), (INFER + frunet, "FullResolutionUNet")):
         net = parse(files, device="cpu").get_parsed_content("network_def")
         assert type(net).__name__ == network and net.features == ((16, 32, 64, 128) if "Full" in network else
                                                                   (16, 32, 64, 128, 128))
+    # the refiner wraps whichever backbone the network overlay chose, in either order, on every stack
+    for files, backbone in ((TRAIN + REFINER, "DropoutUNet"), (TRAIN + frunet + REFINER, "FullResolutionUNet"),
+                            (EVALUATE + REFINER + frunet, "FullResolutionUNet"), (INFER + REFINER, "DropoutUNet")):
+        net = parse(files, device="cpu", direction_kernel=5).get_parsed_content("network_def")
+        assert type(net).__name__ == "DiffusionRefiner" and type(net.backbone).__name__ == backbone
+        assert net.head.kernel_size == (5, 5) and net.steps == 100 and net.backbone_window == 48
     for files in (EVALUATE, INFER):
         parser = parse(files + ["configs/vessel/dti.yaml"], dti_low=0.2)
         decision = parser.get_parsed_content("decision")
