@@ -333,6 +333,8 @@ def test_the_refiner_stage_trains_the_head_only_resumes_and_is_evaluated_by_over
                                                                                                 "0th3rrun"))
     message = bundle_error(stage, backbone_dir=str(other), resume=True, **settings)
     assert f'belongs to another run (backbone: "run {backbone_run}" there, "run 0th3rrun" here)' in message
+    assert bundle_error(stage, backbone_dir=str(other), **{**settings, "diffusion_steps": "ten"}) == (
+        "error: --diffusion_steps must be an integer >= 0, got 'ten' (str).")
     assert bundle_error(stage, backbone_dir=str(refined_run / "nothing"), **settings) == (
         f"error: {refined_run / 'nothing' / 'model.pt'} does not exist: train a model first (configs/train.yaml) or "
         "point --backbone_dir at the folder that holds model.pt.")
