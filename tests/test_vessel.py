@@ -264,9 +264,10 @@ def test_inference_and_evaluation_picture_where_the_mask_breaks(chase_run):
 
 
 REFINER = ["configs/vessel/refiner.yaml"]
-# the second stage, tiny: 64-px crops (2 per image) with the backbone in its 48-px windows, 2 solver steps
+# the second stage, tiny: 64-px crops (2 per image), the backbone in 96-px windows (a quarter of the 48-px windows'
+# calls over a whole image), 2 solver steps
 REFINE_TINY = [*TINY_NET, "--patch_size", "64", "--patches_per_image", "2", "--diffusion_steps", "2",
-               "--val_interval", "2"]
+               "--backbone_window", "96", "--val_interval", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +291,7 @@ def refined_run(chase_data, chase_run, tmp_path_factory) -> Path:
                 (out / "epoch1.pt").write_bytes((out / "models" / "checkpoint_epoch=1.pt").read_bytes())
         run("-m", "monai.bundle", "run", "evaluating", "--config_file", config_files(EVALUATE + REFINER),
             "--dataset_dir", str(chase_data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "report"),
-            *TINY_NET, "--diffusion_steps", "3")
+            *TINY_NET, "--diffusion_steps", "3", "--backbone_window", "96")
     return out
 
 
@@ -325,7 +326,7 @@ def test_the_refiner_stage_trains_the_head_only_resumes_and_is_evaluated_by_over
     stage = TRAIN + REFINER + ["configs/vessel/train_refiner.yaml"]
     settings = dict(dataset_dir=str(chase_data), ckpt_dir=str(models), output_dir=str(refined_run / "train"),
                     features=[4, 8, 8, 16, 16], num_workers=0, patch_size=64, patches_per_image=2, diffusion_steps=2,
-                    val_interval=1, epochs=3)
+                    backbone_window=96, val_interval=2, epochs=3)
     other = refined_run / "other_backbone"
     other.mkdir()
     (other / "model.pt").write_bytes((refined_run / "backbone" / "model.pt").read_bytes())
