@@ -462,18 +462,18 @@ def plot_test_image(spec: dict, split: str, runs: list[Run], out_png: Path) -> l
     from PIL import Image
 
     image, (x, y, w, h) = spec["figure"]["image"], spec["figure"]["crop"]
+    order = spec["figure"].get("rows") or [row for row, *_ in report_rows(spec)]
     panels = []
     for r in runs:
         for row, method, ev, label in report_rows(spec):
             overlay = eval_folder(r, "test", ev) / "overlays" / f"{image}_topology.png"
-            if method == r.method and overlay.is_file():
+            if method == r.method and row in order and overlay.is_file():
                 scores = {m: per_image(eval_folder(r, "test", ev), m).get(image, float("nan"))
                           for m in ("dice", "cldice", "betti0_error")}
                 panels.append((row, label, np.asarray(Image.open(overlay))[y: y + h, x: x + w], scores))
     if not panels:
         return []
-    order = spec["figure"].get("rows") or [row for row, *_ in report_rows(spec)]
-    panels = sorted((p for p in panels if p[0] in order), key=lambda p: order.index(p[0]))
+    panels.sort(key=lambda p: order.index(p[0]))
     datalist = BUNDLE_ROOT / spec["splits"][split] / "datalist.json"
     items = json.loads(datalist.read_text())["test"] if datalist.is_file() else []
     truth_file = next((datalist.parent / i["label"] for i in items if Path(i["image"]).name.split(".")[0] == image),

@@ -17,7 +17,7 @@ from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
 from scripts.diffusion import AnisotropicDiffusion, rk4
-from scripts.errors import InputError, check_number, is_int
+from scripts.errors import InputError, check_int, check_number, is_int
 
 __all__ = ["DropoutUNet", "FullResolutionUNet", "DiffusionRefiner", "mc_dropout"]
 
@@ -376,19 +376,18 @@ class DiffusionRefiner(nn.Module):
                 and isinstance(outc, nn.Conv2d) and outc.out_channels == 2):
             raise InputError(f"the refiner's backbone must be a DropoutUNet or FullResolutionUNet (encode, "
                              f"decode_features and a 2-channel outc), got {type(backbone).__name__}.")
-        if isinstance(direction_kernel, bool) or not is_int(direction_kernel, 1) or direction_kernel % 2 == 0:
+        if not is_int(direction_kernel, 1) or direction_kernel % 2 == 0:
             raise InputError(f"--direction_kernel must be an odd integer >= 1 (seed 003 sweeps 1 .. 13), got "
                              f"{direction_kernel!r} ({type(direction_kernel).__name__}).")
-        for name, value, low in (("--diffusion_steps", steps, 0), ("--backbone_window_batch", window_batch_size, 1)):
-            if not is_int(value, low):
-                raise InputError(f"{name} must be an integer >= {low}, got {value!r} ({type(value).__name__}).")
+        steps = check_int(steps, "--diffusion_steps", 0)
+        check_int(window_batch_size, "--backbone_window_batch", 1)
         if backbone_window is not None and not is_int(backbone_window, 1):
             raise InputError(f"--backbone_window must be a positive integer (the backbone's training patch size) or "
                              f"null, got {backbone_window!r} ({type(backbone_window).__name__}).")
         self.backbone = backbone.requires_grad_(False).eval()
         self.backbone_class = type(backbone).__name__  # in the run's identity: a refiner is only its backbone's
         self.direction_kernel = int(direction_kernel)
-        self.steps = int(steps)
+        self.steps = steps
         self.dt = check_number(dt, "--diffusion_dt", 0.0)
         self.backbone_window = backbone_window
         self.checkpoint_steps = bool(checkpoint_steps)

@@ -245,6 +245,20 @@ def check_trained_model(path: str | Path, network: nn.Module, option: str = "--c
     Raises:
         InputError: naming the file and, for a model trained with other settings, the overrides to pass.
     """
+    _checked_state(path, network, option, settings)
+    return True
+
+
+def load_trained_model(path: str | Path, network: nn.Module, option: str = "--ckpt_dir", **settings) -> nn.Module:
+    """``network`` with the weights of ``path``, after the checks of :func:`check_trained_model` (the file read
+    once): a trained model as a part of another, e.g. the frozen backbone of the diffusion refiner
+    (``configs/vessel/train_refiner.yaml``)."""
+    getattr(network, "module", network).load_state_dict(_checked_state(path, network, option, settings))
+    return network
+
+
+def _checked_state(path: str | Path, network: nn.Module, option: str, settings: dict) -> dict:
+    """The model state dict of ``path``, once :func:`check_trained_model`'s checks have passed."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist: train a model first (configs/train.yaml) or point {option} at "
@@ -287,16 +301,7 @@ def check_trained_model(path: str | Path, network: nn.Module, option: str = "--c
             found = tuple(state[name].shape) if name in state else "missing"
             raise InputError(f"{path} does not fit network_def: {name} is {found} in the file but "
                              f"{tuple(tensor.shape)} here; pass the --features it was trained with.")
-    return True
-
-
-def load_trained_model(path: str | Path, network: nn.Module, option: str = "--ckpt_dir", **settings) -> nn.Module:
-    """``network`` with the weights of ``path``, after :func:`check_trained_model`: a trained model as a part of
-    another, e.g. the frozen backbone of the diffusion refiner (``configs/vessel/train_refiner.yaml``)."""
-    check_trained_model(path, network, option=option, **settings)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    getattr(network, "module", network).load_state_dict(state.get("model", state))
-    return network
+    return state
 
 
 def trained_run(path: str | Path) -> str:
