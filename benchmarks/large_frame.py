@@ -4,7 +4,9 @@ What one frame costs bundle inference as the frame grows: time and peak memory o
 (``python -m monai.bundle run --config_file configs/inference.yaml``), run as a user runs it, once per frame size
 and mode, each in a fresh process.
 
-For each run it prints the wall time and the child's peak resident memory (``os.wait4``), and, against the
+For each run it prints the wall time, the child's peak resident memory (``os.wait4``) and, when inference ran on
+a GPU (``--device``, by default the bundle's: the first GPU if there is one), its peak GPU memory as PyTorch's
+allocator counts it (``torch.cuda.max_memory_allocated``, printed by the child at exit), and, against the
 smallest frame as the baseline (its run holds the start-up, the imports and the model), the seconds per
 megapixel and bytes per pixel the larger frames add: constant figures down the table mean the cost grows
 linearly with the pixel count. The last columns compare the cost ratio to the smallest frame with the pixel ratio.
@@ -32,6 +34,14 @@ import time
 from pathlib import Path
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+GPU_PEAK = "gpu peak bytes:"
+# `python -m monai.bundle ...`, and at exit the peak GPU memory of the process, if it used a GPU
+BUNDLE_WITH_GPU_PEAK = f"""
+import atexit, runpy, sys, torch
+atexit.register(lambda: torch.cuda.is_initialized() and print("{GPU_PEAK}", torch.cuda.max_memory_allocated()))
+sys.argv[0] = "monai.bundle"
+runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+"""
 
 
 def make_frame(path: Path, width: int, height: int, seed: int = 0) -> None:
@@ -75,12 +85,13 @@ def prepare(work: Path, sizes: list[tuple[int, int]], features: list[int] | None
 
 
 def run_inference(frames: Path, out: Path, ckpt_dir: Path, image_size: int, features: list[int],
-                  mc_samples: int, log: Path) -> tuple[float, float]:
-    """Run the bundle's inference command on ``frames``; (wall seconds, peak RSS in MB) of that process."""
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+                  mc_samples: int, log: Path, device: str | None = None) -> tuple[float, float, float | None]:
+    """Run the bundle's inference command on ``frames``; (wall seconds, peak RSS in MB, peak GPU memory in MB or
+    None without a GPU) of that process."""
+    command = [sys.executable, "-c", BUNDLE_WITH_GPU_PEAK, "run", "--config_file", "configs/inference.yaml",
                "--input_dir", str(frames), "--output_dir", str(out), "--ckpt_dir", str(ckpt_dir),
                "--image_size", str(image_size), "--features", json.dumps(features), "--num_workers", "0",
-               "--mc_samples", str(mc_samples)]
+               "--mc_samples", str(mc_samples), *(["--device", device] if device else [])]
     with open(log, "w") as f:
         began = time.perf_counter()
         proc = subprocess.Popen(command, cwd=BUNDLE_ROOT, stdout=f, stderr=subprocess.STDOUT)
@@ -89,7 +100,8 @@ def run_inference(frames: Path, out: Path, ckpt_dir: Path, image_size: int, feat
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"inference exited {proc.returncode}: {' '.join(command)}\n{log.read_text()[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    gpu = [line.split()[-1] for line in log.read_text().splitlines() if line.startswith(GPU_PEAK)]
+    return seconds, usage.ru_maxrss / 1024, int(gpu[-1]) / 2**20 if gpu else None  # ru_maxrss: KiB on Linux
 
 
 def size(text: str) -> tuple[int, int]:
@@ -105,6 +117,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32, help="the network's input size (--image_size)")
     p.add_argument("--features", type=int, nargs=5, default=[4, 8, 8, 16, 16])
     p.add_argument("--ckpt-dir", type=Path, help="a trained model (model.pt); default: a fresh one of --features")
+    p.add_argument("--device", help="inference's --device, e.g. cpu or cuda:0 (default: the bundle's)")
     p.add_argument("--repeats", type=int, default=1, help="runs per frame and mode: the median time, max peak")
     p.add_argument("--work-dir", type=Path, help="keep frames, outputs and logs here (default: a temporary dir)")
     p.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)  # the child that makes the inputs
@@ -123,27 +136,29 @@ def main() -> None:
         ckpt_dir = args.ckpt_dir or work / "models"
         folders = [work / f"frames_{w}x{h}" for w, h in args.sizes]
 
-        header = (f"{'mode':>6} {'frame':>11} {'Mpx':>7} {'seconds':>8} {'peak MB':>8} {'s/Mpx above':>11} "
-                  f"{'B/px above':>10} {'time ratio':>10} {'mem ratio':>9} {'px ratio':>8}")
+        header = (f"{'mode':>6} {'frame':>11} {'Mpx':>7} {'seconds':>8} {'peak MB':>8} {'GPU MB':>8} "
+                  f"{'s/Mpx above':>11} {'B/px above':>10} {'time ratio':>10} {'mem ratio':>9} {'px ratio':>8}")
         print(header, flush=True)
         for mc in args.mc_samples:
             base = None
             for (width, height), folder in zip(args.sizes, folders):
                 runs = [run_inference(folder, work / f"out_{width}x{height}_mc{mc}_{r}", ckpt_dir, args.image_size,
-                                      args.features, mc, work / f"log_{width}x{height}_mc{mc}_{r}.txt")
+                                      args.features, mc, work / f"log_{width}x{height}_mc{mc}_{r}.txt", args.device)
                         for r in range(args.repeats)]
-                seconds = sorted(s for s, _ in runs)[len(runs) // 2]
-                peak = max(m for _, m in runs)
+                seconds = sorted(s for s, _, _ in runs)[len(runs) // 2]
+                peak = max(m for _, m, _ in runs)
+                gpu = max((g for _, _, g in runs if g is not None), default=None)
+                gpu = f"{gpu:8.0f}" if gpu is not None else f"{'-':>8}"
                 pixels = width * height
                 mode = "plain" if mc == 0 else f"MC {mc}"
                 if base is None:
                     base = (pixels, seconds, peak)
                     line = (f"{mode:>6} {f'{width}x{height}':>11} {pixels / 1e6:7.3f} {seconds:8.2f} {peak:8.0f} "
-                            f"{'(baseline)':>11} {'':>10} {1:10.2f} {1:9.2f} {1:8.1f}")
+                            f"{gpu} {'(baseline)':>11} {'':>10} {1:10.2f} {1:9.2f} {1:8.1f}")
                 else:
                     extra = max(pixels - base[0], 1)
                     line = (f"{mode:>6} {f'{width}x{height}':>11} {pixels / 1e6:7.3f} {seconds:8.2f} {peak:8.0f} "
-                            f"{(seconds - base[1]) / extra * 1e6:11.3f} {(peak - base[2]) * 2**20 / extra:10.1f} "
+                            f"{gpu} {(seconds - base[1]) / extra * 1e6:11.3f} {(peak - base[2]) * 2**20 / extra:10.1f} "
                             f"{seconds / base[1]:10.2f} {peak / base[2]:9.2f} {pixels / base[0]:8.1f}")
                 print(line, flush=True)
 

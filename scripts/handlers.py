@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -37,12 +38,25 @@ __all__ = ["AtomicCheckpointSaver", "DifficultyPass", "DifficultyHistory", "PerI
            "ComponentRatio", "BettiError", "FieldOfViewConfusionMatrix", "FieldOfViewROCAUC"]
 
 
+def _on_cpu(obj):
+    """``obj`` with every tensor in it, through dicts, lists and tuples, as a CPU copy (a CPU tensor as it is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _on_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
 class _ReplacingDiskSaver(DiskSaver):
     """
     Ignite's ``DiskSaver(atomic=True)`` (a temporary file, renamed over the target; since Ignite 0.5 it also
     grants the group and others read permission, the reason MONAI chose ``atomic=False``), with MONAI's fixed
     file names. Ignite removes a checkpoint's predecessor *before* writing it; under a fixed name (``model.pt``,
     ``checkpoint_final.pt``) the rename replaces it anyway, so the old file is kept until the new one is whole.
+    Every tensor is saved as a CPU tensor: a file written by a GPU run loads on a machine without one (MONAI's
+    ``ckpt_export`` and MONAI Label's checkpoint loader load without ``map_location``).
     """
 
     def __init__(self, dirname: str, filename: str | None = None) -> None:
@@ -50,6 +64,7 @@ class _ReplacingDiskSaver(DiskSaver):
         self.filename = filename
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        checkpoint = _on_cpu(checkpoint)
         super().__call__(checkpoint, self.filename or filename, metadata)
 
     def remove(self, filename: str) -> None:
@@ -425,7 +440,9 @@ class TopologyOverlaySaver:
     task): ``<stem>_topology.png``, the picture of :func:`scripts.figures.topology_overlay` (breaks red, fragments
     magenta, missed vessels blue, false positives orange), and ``topology.csv``, one row per image: ``image,
     breaks, fragments, missed_fraction`` (the share of the label's pixels the mask misses; empty without a label).
-    Breaks need a ground truth, fragments do not (:func:`scripts.metrics.topology_defects`).
+    Breaks need a ground truth, fragments do not (:func:`scripts.metrics.topology_defects`). Under
+    ``torch.distributed`` each process draws its own images and the rows of all are gathered at the end of the
+    run, then written by rank 0 (one process rewrites the file after each batch, so that a crash keeps the rows).
 
     The ground truth is the output item's ``label`` when it has one (evaluation), else the file ``label_pattern``
     names in ``label_dir`` (inference), if it exists: ``{stem}`` is the image's file name without extension,
@@ -454,10 +471,17 @@ class TopologyOverlaySaver:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write_gathered)
 
     def _start(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._rows = []
+
+    def _write_gathered(self, engine: Engine) -> None:
+        if idist.get_world_size() > 1:
+            rows = sorted(row for part in idist.all_gather(self._rows) for row in part)
+            if idist.get_rank() == 0:
+                write_csv(self.output_dir / "topology.csv", self.COLUMNS, rows)
 
     @staticmethod
     def _plane(x) -> np.ndarray:
@@ -497,7 +521,8 @@ class TopologyOverlaySaver:
                 Image.fromarray(picture).save(tmp, format="PNG")
             missed = "" if label is None or not label.any() else f"{defects['missed'].sum() / label.sum():.6f}"
             self._rows.append([source, defects["count"]["breaks"], defects["count"]["fragments"], missed])
-        write_csv(self.output_dir / "topology.csv", self.COLUMNS, self._rows)
+        if idist.get_world_size() == 1:
+            write_csv(self.output_dir / "topology.csv", self.COLUMNS, self._rows)
 
 
 class FieldOfViewMetricHandler(IgniteMetricHandler):

@@ -15,6 +15,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -24,17 +25,21 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from monai.transforms import Compose, Randomizable
+from monai.utils import set_determinism
 from torch import nn
 
 from scripts.errors import InputError
 from scripts.files import atomic_write
 
-__all__ = ["RunIdentity", "RandomStates", "check_trained_model", "load_trained_model", "trained_run", "describe",
-           "describe_network"]
+__all__ = ["RunIdentity", "RandomStates", "TrainerGradScaler", "seed_process", "check_trained_model",
+           "load_trained_model", "trained_run", "describe", "describe_network"]
 
 RUN_FILE = "run.json"  # the identity of the run whose files the checkpoint folder holds
 RUN_FILES = ("model.pt", "checkpoint_final.pt", RUN_FILE)  # plus checkpoint_epoch=N.pt
 PREVIOUS = "previous"  # subfolder where a fresh run puts an earlier run's files
+# what a resume checkpoint holds; 2 (version 0.9): the AMP loss scale, and the random states of every process, as
+# bytes (1: the states of rank 0 alone, as tensors that a map_location moved off the CPU)
+CHECKPOINT_LAYOUT = 2
 logger = logging.getLogger(__name__)
 
 
@@ -127,9 +132,14 @@ class RunIdentity:
 
     # -- checkpointable --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"run_id": self.run_id, "fingerprint": dict(self.fingerprint)}
+        return {"run_id": self.run_id, "fingerprint": dict(self.fingerprint), "layout": CHECKPOINT_LAYOUT}
 
     def load_state_dict(self, state: Mapping, source: str = "the checkpoint") -> None:
+        if state.get("layout", 1) != CHECKPOINT_LAYOUT:
+            raise InputError(f"{source} was written by version 0.8 or earlier of the bundle, whose checkpoints lack "
+                             "what this version resumes (the random state of every process, the AMP loss scale): "
+                             "train without --resume (its files are then moved to previous/), or finish the run "
+                             "with the version that started it.")
         differences = self.differences(state.get("fingerprint", {}))
         if differences:
             raise InputError(f"{source} belongs to another run ({'; '.join(differences)}): train without --resume "
@@ -319,30 +329,64 @@ def _override(name: str, value) -> str:
     return f'--{name} "{json.dumps(value, separators=(",", ":"))}"' if isinstance(value, list) else f"--{name} {value}"
 
 
+def _byte_tensor(state: bytes) -> torch.Tensor:
+    # torch.set_rng_state and torch.cuda.set_rng_state take a CPU ByteTensor only
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
+
+
 def _numpy_state(state: tuple) -> dict:
-    # as tensors and scalars, so that checkpoints load with torch.load(weights_only=True)
     name, keys, pos, has_gauss, gauss = state
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+    return {"keys": keys.astype("<u4").tobytes(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
 
 
 def _numpy_tuple(state: dict) -> tuple:
-    return "MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"]
+    keys = np.frombuffer(state["keys"], dtype="<u4").astype(np.uint32)
+    return "MT19937", keys, state["pos"], state["has_gauss"], state["gauss"]
+
+
+def seed_process(seed: int, deterministic: bool = False) -> bool:
+    """
+    Seed this process's torch, CUDA, numpy and Python generators with ``seed + rank`` (MONAI's
+    ``set_determinism``): one process draws what ``seed`` draws, and each process of a ``torch.distributed`` run
+    its own dropout masks and augmentations (DDP broadcasts rank 0's initial weights, so the replicas still start
+    equal; a ``DistributedSampler`` shuffles by its own seed, the same on every rank).
+
+    ``deterministic`` also switches on ``torch.use_deterministic_algorithms`` (with ``warn_only``: an operation
+    with no deterministic CUDA kernel warns, naming itself, instead of stopping training) and sets
+    ``CUBLAS_WORKSPACE_CONFIG``, which deterministic cuBLAS needs. The bundle's networks upsample bilinearly
+    (and the full-resolution network pools adaptively), whose CUDA backward passes have no deterministic kernel:
+    on a GPU a resumed run is then close to, not bit-identical with, the uninterrupted one. On a CPU it is exact
+    either way. Returns True, for use as a config step.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_determinism(seed=seed + idist.get_rank())
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
+    return True
 
 
 class RandomStates:
     """
     The random state of a training run, as a checkpointable object (``state_dict``/``load_state_dict``): the
-    torch generators (CPU and CUDA), numpy's and Python's global ones, and the own generator of every randomised
-    transform in ``transforms``. Saved with each checkpoint, it makes a resumed run draw exactly the batches,
-    augmentations and dropout masks the uninterrupted run draws (with ``num_workers=0`` the transforms run in
-    this process; with workers, their seeds derive from the torch generator).
+    torch generators (CPU, and the CUDA generator of ``device``), numpy's and Python's global ones, and the own
+    generator of every randomised transform in ``transforms``. Saved with each checkpoint, it makes a resumed run
+    draw exactly the batches, augmentations and dropout masks the uninterrupted run draws (with
+    ``num_workers=0`` the transforms run in this process; with workers, their seeds derive from the torch
+    generator).
+
+    Every process of a ``torch.distributed`` run has streams of its own (:func:`seed_process`): the state holds
+    one entry per rank (``{"ranks": [...]}``, gathered when saving; rank 0 writes the file) and each process
+    restores its own. States are bytes and plain numbers, never tensors, so that a checkpoint loaded with any
+    ``map_location`` (the run's GPU) restores them, and they load with ``torch.load(weights_only=True)``.
 
     Args:
         transforms: the pipelines whose randomised transforms to include, e.g. ``train#preprocessing``.
+        device: the run's device; on a CUDA device its generator is saved and restored (not every visible GPU's).
     """
 
-    def __init__(self, transforms: Sequence[Compose] | Compose = ()) -> None:
+    def __init__(self, transforms: Sequence[Compose] | Compose = (), device: str | torch.device = "cpu") -> None:
         self.transforms: list[Randomizable] = []
+        self.device = torch.device(device)
         self._collect(transforms, set())
 
     def _collect(self, obj, seen: set) -> None:
@@ -361,24 +405,66 @@ class RandomStates:
         for child in children:
             self._collect(child, seen)
 
-    def state_dict(self) -> dict:
+    def _own_state(self) -> dict:
+        cuda = self.device.type == "cuda" and torch.cuda.is_available()
         return {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "torch": torch.get_rng_state().numpy().tobytes(),
+            "cuda": torch.cuda.get_rng_state(self.device).numpy().tobytes() if cuda else None,
             "numpy": _numpy_state(np.random.get_state()),
             "python": random.getstate(),
             "transforms": [_numpy_state(t.R.get_state()) for t in self.transforms],
         }
 
+    def state_dict(self) -> dict:
+        own = self._own_state()
+        # Ignite calls this in every process, then saves on rank 0. Not while an exception is being handled
+        # (the final checkpoint of a failed run): a process that failed alone would wait forever for the others.
+        if idist.get_world_size() > 1 and sys.exc_info()[0] is None:
+            return {"ranks": idist.all_gather(own)}
+        return {"ranks": [own]}
+
     def load_state_dict(self, state: dict) -> None:
-        if len(state["transforms"]) != len(self.transforms):
-            raise InputError(f"the checkpoint holds the random state of {len(state['transforms'])} randomised "
+        ranks, rank, world = state["ranks"], idist.get_rank(), idist.get_world_size()
+        if len(ranks) != world:
+            logger.warning(f"the checkpoint holds the random states of {len(ranks)} process(es) and this run has "
+                           f"{world}: processes without one of their own keep their fresh seed, so the resumed run "
+                           "draws other augmentations and dropout masks than an uninterrupted one would.")
+        if rank >= len(ranks):
+            return
+        own = ranks[rank]
+        if len(own["transforms"]) != len(self.transforms):
+            raise InputError(f"the checkpoint holds the random state of {len(own['transforms'])} randomised "
                              f"transforms but this pipeline has {len(self.transforms)}: the config was changed "
                              "since the run started; resume with the config it started with.")
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        np.random.set_state(_numpy_tuple(state["numpy"]))
-        random.setstate(state["python"])
-        for t, s in zip(self.transforms, state["transforms"]):
+        torch.set_rng_state(_byte_tensor(own["torch"]))
+        if own["cuda"] is not None and self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.set_rng_state(_byte_tensor(own["cuda"]), self.device)
+        np.random.set_state(_numpy_tuple(own["numpy"]))
+        random.setstate(own["python"])
+        for t, s in zip(self.transforms, own["transforms"]):
             t.R.set_state(_numpy_tuple(s))
+
+
+class TrainerGradScaler:
+    """
+    The loss scale of a trainer's automatic mixed precision (``amp``), as a checkpointable object: without it a
+    resumed run starts again from the initial scale of 2^16 and skips the steps whose gradients overflow at it.
+    MONAI's trainer makes a new ``GradScaler`` at each ``run()``, so it is looked up when saved or restored
+    (``CheckpointLoader`` restores at ``STARTED``, after ``run()`` made it). Without AMP there is nothing to
+    save; a state saved with AMP is ignored by a run without it.
+
+    Args:
+        trainer: the ``SupervisedTrainer`` (``train#trainer``).
+    """
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        scaler = getattr(self.trainer, "scaler", None)
+        return scaler.state_dict() if scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        scaler = getattr(self.trainer, "scaler", None)
+        if scaler is not None and state:
+            scaler.load_state_dict(state)

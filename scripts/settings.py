@@ -48,6 +48,7 @@ _RULES = {
     "cache_rate": _float(0.0, 1.0),
     "resume": (lambda v: isinstance(v, bool), "True or False (capitalised: --resume True)"),
     "adaptive": (lambda v: isinstance(v, bool), "True or False (capitalised)"),
+    "deterministic": (lambda v: isinstance(v, bool), "True or False (capitalised)"),
     "eval_split": (lambda v: v in ("test", "validation", "training"), "a datalist key: test, validation or training"),
 }
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,7 +149,7 @@ def test_adaptive_training_end_to_end(demo, tmp_path):
     for r in rows:
         if r["pass"] == "2":
             assert saved[r["label"]] == pytest.approx(float(r["eps"]), rel=1e-5)
-    assert {"torch", "numpy", "python", "transforms"} <= set(state["random_states"])
+    assert {"torch", "numpy", "python", "transforms"} <= set(state["random_states"]["ranks"][0])
     assert len(list((out / "mc_maps").glob("pass_*.npz"))) == 2
     # the label audit of the last pass: every training image once, most suspect first, from the history's numbers
     from scripts.audit import read_label_audit
@@ -186,7 +189,7 @@ def test_a_killed_run_resumes_to_the_same_eps_and_weights(demo, tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
-def test_two_processes_score_their_shards_and_hold_the_same_table(demo, tmp_path):
+def test_two_processes_score_their_shards_hold_the_same_table_and_draw_their_own_randoms(demo, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29517", str(BUNDLE_ROOT / "tests" / "ddp_pass.py"), str(demo), str(tmp_path)],
                           cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
@@ -197,36 +200,75 @@ def test_two_processes_score_their_shards_and_hold_the_same_table(demo, tmp_path
     assert r0["scored_here"] + r1["scored_here"] == n_train and abs(r0["scored_here"] - r1["scored_here"]) <= 1
     assert r0["table"] == r1["table"] and len(r0["table"]) == n_train and r0["num_passes"] == 1
     assert r0["D"] == r1["D"]
+    # each rank draws its own dropout masks and augmentations (seed + rank) from the same initial weights
+    assert r0["weights"] == r1["weights"]
+    assert r0["dropout_mask"] != r1["dropout_mask"]
+    assert all(a != b for a, b in zip(r0["augmented"], r1["augmented"]))
 
 
-def test_multi_gpu_train_config_under_torchrun_with_gloo(demo, tmp_path):
+MULTI_GPU_TRAIN = "['configs/train.yaml','configs/multi_gpu_train.yaml']"
+
+
+def multi_gpu_training(demo, out: Path, *extra: str, port: int = 29523) -> list[str]:
+    """The command of a 2-process (gloo) run of configs/multi_gpu_train.yaml, 3 epochs, a pass each epoch."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m",
+            "monai.bundle", "run", "training", "--config_file", MULTI_GPU_TRAIN, "--backend", "gloo", "--device", "cpu",
+            "--dataset_dir", str(demo), "--epochs", "3", "--ckpt_dir", str(out / "m"), "--output_dir", str(out / "e"),
+            *TINY, *PASSES[:4], "--mc_samples", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def multi_gpu_run(demo, tmp_path_factory) -> Path:
+    """configs/multi_gpu_train.yaml run uninterrupted, with ``--tracking mlflow``: its folder (m/, e/)."""
+    out = tmp_path_factory.mktemp("multi_gpu")
+    proc = subprocess.run(multi_gpu_training(demo, out, "--tracking", "mlflow", "--experiment_name", "polyp"),
+                          cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_multi_gpu_train_config_under_torchrun_with_gloo(demo, multi_gpu_run):
     """
     configs/multi_gpu_train.yaml, 2 CPU processes: DDP training with the pass sharded, rank-0 checkpoints, and
     ``--tracking mlflow`` with MONAI's local store (``output_dir/mlruns.db``) written by rank 0 alone.
     """
     import mlflow  # requirements-dev.txt
 
-    files = "['configs/train.yaml','configs/multi_gpu_train.yaml']"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", "-m",
-         "monai.bundle", "run", "training", "--config_file", files, "--backend", "gloo", "--device", "cpu",
-         "--dataset_dir", str(demo), "--epochs", "2", "--ckpt_dir", str(tmp_path / "m"),
-         "--output_dir", str(tmp_path / "e"), *TINY, *PASSES[:4], "--mc_samples", "2", "--tracking", "mlflow",
-         "--experiment_name", "polyp"],
-        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
     n_train = len(read_json(demo / "datalist.json")["training"])
-    state = torch.load(tmp_path / "m" / "checkpoint_final.pt", weights_only=True)
-    assert state["epsilon_table"]["num_passes"] == 2 and len(state["epsilon_table"]["values"]) == n_train
+    state = torch.load(multi_gpu_run / "m" / "checkpoint_final.pt", weights_only=True)
+    assert state["epsilon_table"]["num_passes"] == 3 and len(state["epsilon_table"]["values"]) == n_train
+    assert len(state["random_states"]["ranks"]) == 2  # each process's streams
     from scripts.networks import DropoutUNet
 
-    for saved in (state["model"], torch.load(tmp_path / "m" / "model.pt", weights_only=True)):
+    for saved in (state["model"], torch.load(multi_gpu_run / "m" / "model.pt", weights_only=True)):
         DropoutUNet(3, 2, features=(4, 8, 8, 16, 16)).load_state_dict(saved)  # the module, not the DDP wrapper
-    rows = list(csv.DictReader(open(tmp_path / "e" / "difficulty_history.csv")))
-    assert len(rows) == 2 * n_train and len({r["label"] for r in rows}) == n_train  # both shards, written once
+    rows = list(csv.DictReader(open(multi_gpu_run / "e" / "difficulty_history.csv")))
+    assert len(rows) == 3 * n_train and len({r["label"] for r in rows}) == n_train  # both shards, written once
     # rank 0's training and validation writers only: no empty event file from rank 1
-    assert len(list((tmp_path / "e").glob("events.out.tfevents.*"))) == 2
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'e' / 'mlruns.db'}")
+    assert len(list((multi_gpu_run / "e").glob("events.out.tfevents.*"))) == 2
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{multi_gpu_run / 'e' / 'mlruns.db'}")
     (tracked,) = client.search_runs([client.get_experiment_by_name("polyp").experiment_id])  # one run: rank 0's
     losses = client.get_metric_history(tracked.info.run_id, "train_loss")
     assert tracked.info.status == "FINISHED" and len(losses) == state["trainer"]["iteration"]
+
+
+def test_a_killed_multi_process_run_resumes_to_the_same_weights(demo, multi_gpu_run, tmp_path):
+    """Killed after its first epoch and resumed, the 2-process run ends where the uninterrupted one ended."""
+    victim = subprocess.Popen(multi_gpu_training(demo, tmp_path, port=29529), cwd=BUNDLE_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "m" / "checkpoint_epoch=1.pt").exists() and victim.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)  # torchrun and both of its processes
+    victim.wait()
+    assert not (tmp_path / "m" / "checkpoint_final.pt").exists(), "the run finished before it was killed"
+    proc = subprocess.run(multi_gpu_training(demo, tmp_path, "--resume", "True", port=29529), cwd=BUNDLE_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a = torch.load(multi_gpu_run / "m" / "checkpoint_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "m" / "checkpoint_final.pt", weights_only=True)
+    assert a["epsilon_table"] == b["epsilon_table"] and a["trainer"] == b["trainer"]
+    assert a["random_states"] == b["random_states"]  # every process's streams continued, not rank 0's everywhere
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

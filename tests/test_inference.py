@@ -223,7 +223,7 @@ def test_large_frame_benchmark_runs_at_toy_size(trained, tmp_path):
                "--work-dir", str(tmp_path))
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["plain"]]
     assert [r[1] for r in rows] == ["40x30", "64x48"], proc.stdout
-    assert rows[0][5] == "(baseline)"
+    assert rows[0][6] == "(baseline)" and rows[1][5] == "-"  # no GPU memory on a CPU
     seconds, peak_mb = float(rows[1][3]), float(rows[1][4])
     assert 0 < seconds < 300 and 100 < peak_mb < 10_000
     assert float(rows[1][-1]) == pytest.approx(64 * 48 / (40 * 30), abs=0.05)  # the pixel ratio

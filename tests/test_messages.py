@@ -41,6 +41,7 @@ def test_a_truncated_model_ends_evaluation_with_one_line(demo, trained, tmp_path
     ({"features": [8, 16]}, 'error: --features must be a list of five positive integers, e.g. "[64,128,256,512,512]"'
                             ", got [8, 16] (list)."),
     ({"resume": "true"}, "error: --resume must be True or False (capitalised: --resume True), got 'true' (str)."),
+    ({"deterministic": 1}, "error: --deterministic must be True or False (capitalised), got 1 (int)."),
     ({"image_size": 100}, 'error: --image_size must be a multiple of 16 (the U-Net pools four times), or a pair '
                           '"[H,W]" of them, got 100 (int).'),
     ({"image_size": [64, 60]}, 'error: --image_size must be a multiple of 16 (the U-Net pools four times), or a '

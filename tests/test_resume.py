@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import ignite.distributed as idist
+import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TRAIN, bundle_error, parse, read_json
+from conftest import BUNDLE_ROOT, TINY_OVERRIDES, TRAIN, bundle_error, parse, read_json
+from ignite.engine import Engine
+from monai.transforms import Compose, RandFlipd
 
 from scripts.errors import InputError
-from scripts.resume import check_trained_model
+from scripts.handlers import AtomicCheckpointSaver
+from scripts.resume import RandomStates, TrainerGradScaler, check_trained_model, seed_process
 
 
 @pytest.mark.parametrize("what,name", [("model", "model.pt"), ("checkpoint", "checkpoint_final.pt"),
@@ -140,3 +147,122 @@ def test_resume_skips_a_checkpoint_cut_short_and_uses_the_one_before(demo, tmp_p
     with caplog.at_level("WARNING"):
         assert resumed.resume_checkpoint() == str(tmp_path / "checkpoint_epoch=1.pt")
     assert resumed.run_id == "abc" and "checkpoint_epoch=2.pt" in caplog.text
+
+
+def test_random_states_restore_from_a_checkpoint_loaded_onto_the_gpu(trained):
+    """
+    ``--resume True`` on a GPU loads the checkpoint with ``map_location: "@device"``. ``"meta"`` moves every tensor
+    off the CPU (and keeps no data), as a GPU does: the random states of a real checkpoint must still restore.
+    """
+    path = trained / "models" / "checkpoint_final.pt"
+    saved = torch.load(path, map_location="cpu", weights_only=True)["random_states"]
+    states = parse([TRAIN], device="cpu", **TINY_OVERRIDES).get_parsed_content("train#random_states")
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)  # the streams somewhere else
+    states.load_state_dict(torch.load(path, map_location="meta", weights_only=True)["random_states"])
+    assert states.state_dict() == saved  # torch, numpy, Python and every randomised transform's generator
+
+
+def test_each_process_restores_its_own_random_state_on_its_own_gpu(monkeypatch, caplog):
+    """
+    A checkpoint of an 8-process GPU run holds each process's streams, with its GPU's generator. Rank 3 of 8
+    restores rank 3's; one process (one visible GPU) restores rank 0's and warns. This machine has no GPU: the
+    CUDA calls are recorded instead.
+    """
+    pipeline = Compose([RandFlipd("image", prob=0.5)])
+    entries = []
+    for rank in range(8):
+        seed_process(rank)
+        pipeline.set_random_state(rank)
+        entries.append({**RandomStates(pipeline).state_dict()["ranks"][0], "cuda": bytes([rank]) * 16})
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    states = RandomStates(pipeline, device="cuda:0")
+    for rank, world in ((3, 8), (0, 1)):
+        monkeypatch.setattr(idist, "get_rank", lambda: rank)
+        monkeypatch.setattr(idist, "get_world_size", lambda: world)
+        with caplog.at_level("WARNING"):
+            states.load_state_dict({"ranks": entries})
+        state, device = restored.pop()
+        assert state.device.type == "cpu" and state.dtype == torch.uint8 and device == torch.device("cuda:0")
+        assert state.tolist() == [rank] * 16
+        assert torch.get_rng_state().numpy().tobytes() == entries[rank]["torch"]
+        assert np.random.get_state()[1].tobytes() == entries[rank]["numpy"]["keys"]
+        assert [t.R.get_state()[1].tobytes() for t in states.transforms] == [
+            e["keys"] for e in entries[rank]["transforms"]]
+    assert caplog.text.count("holds the random states of 8 process(es) and this run has 1") == 1
+
+
+def test_seed_process_seeds_each_rank_and_switches_deterministic_algorithms(monkeypatch):
+    seed_process(5)
+    first = torch.rand(4)
+    monkeypatch.setattr(idist, "get_rank", lambda: 1)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        seed_process(4, deterministic=True)  # rank 1 of a run seeded 4 draws what seed 5 draws
+        assert torch.equal(torch.rand(4), first)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        seed_process(0)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_resumed_amp_run_keeps_its_loss_scale(tmp_path):
+    trainer = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
+    trainer.scaler.scale(torch.ones(1))
+    trainer.scaler.update(new_scale=512.0)  # where overflowing steps have brought the scale down
+    torch.save({"grad_scaler": TrainerGradScaler(trainer).state_dict()}, tmp_path / "checkpoint.pt")
+    resumed = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))  # MONAI's trainer makes a new one each run()
+    TrainerGradScaler(resumed).load_state_dict(
+        torch.load(tmp_path / "checkpoint.pt", map_location="meta", weights_only=True)["grad_scaler"])
+    assert resumed.scaler.get_scale() == 512.0
+    assert TrainerGradScaler(SimpleNamespace(scaler=None)).state_dict() == {}  # no AMP (a CPU run)
+    TrainerGradScaler(SimpleNamespace(scaler=None)).load_state_dict({"scale": 512.0})  # ignored, not an error
+
+
+class _OnGPU(torch.Tensor):
+    """
+    A GPU's tensor, emulated on this machine: it says it is on cuda:0 and, as a CUDA tensor does, comes back from
+    ``.cpu()`` as a plain CPU tensor. ``torch.save`` keeps its class, which ``weights_only`` loading refuses, as a
+    machine without a GPU refuses a CUDA tensor loaded without ``map_location``.
+    """
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0)
+
+    def cpu(self, *args, **kwargs) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor).clone()
+
+
+class _LinearOnGPU(torch.nn.Linear):
+    def state_dict(self, *args, **kwargs):
+        return {k: v.as_subclass(_OnGPU) for k, v in super().state_dict(*args, **kwargs).items()}
+
+
+def test_released_files_hold_cpu_tensors_when_trained_on_a_gpu(tmp_path):
+    net = _LinearOnGPU(3, 2)
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    optimizer.state[net.weight]["exp_avg"] = optimizer.state[net.weight]["exp_avg"].as_subclass(_OnGPU)
+    assert {t.device.type for t in net.state_dict().values()} == {"cuda"}
+    engine = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_final=True, final_filename="model.pt").attach(engine)
+    AtomicCheckpointSaver(str(tmp_path), {"model": net, "optimizer": optimizer}, save_interval=1).attach(engine)
+    engine.run([0], max_epochs=1)
+    model = torch.load(tmp_path / "model.pt", weights_only=True)  # no map_location, as ckpt_export loads it
+    checkpoint = torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)
+    tensors = [*model.values(), *checkpoint["model"].values(), *checkpoint["optimizer"]["state"][0].values()]
+    assert len(tensors) == 7 and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+    torch.testing.assert_close(model["weight"], net.weight.detach())
+
+
+def test_resume_refuses_a_checkpoint_of_an_earlier_layout(demo, tmp_path):
+    identity = _identity(tmp_path, demo)
+    earlier = {k: v for k, v in identity.state_dict().items() if k != "layout"}  # version 0.8 and before
+    torch.save({"run_identity": earlier, "trainer": {"iteration": 4, "epoch_length": 4}},
+               tmp_path / "checkpoint_epoch=1.pt")
+    with pytest.raises(InputError, match=r"checkpoint .*checkpoint_epoch=1.pt was written by version 0.8 or earlier"):
+        _identity(tmp_path, demo).resume_checkpoint()

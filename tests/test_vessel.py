@@ -8,6 +8,8 @@ on a generated set in DRIVE's layout; the adaptive ε of patches, the overlays, 
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 import skimage.measure
 import torch
-from conftest import CHASE, bundle_error, needs, parse, read_json, run
+from conftest import BUNDLE_ROOT, CHASE, bundle_error, needs, parse, read_json, run
 from monai.data import list_data_collate
 from PIL import Image
 from scipy import ndimage
@@ -261,6 +263,27 @@ def test_inference_and_evaluation_picture_where_the_mask_breaks(chase_run):
     assert np.asarray(Image.open(report / "Image_11L_topology.png")).shape == (960, 999, 3)
     with open(report / "topology.csv", newline="") as f:
         assert [Path(r["image"]).name for r in csv.DictReader(f)] == ["Image_11L.jpg"]
+
+
+
+@needs(CHASE)
+def test_two_process_evaluation_writes_every_images_topology_row(chase_data, chase_run, tmp_path):
+    """configs/multi_gpu_evaluate.yaml over the vessel evaluation, 2 gloo processes, one training image each."""
+    files = config_files([*EVALUATE, "configs/multi_gpu_evaluate.yaml"])
+    with one_thread():
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "-m",
+             "monai.bundle", "run", "evaluating", "--config_file", files, "--backend", "gloo", "--device", "cpu",
+             "--dataset_dir", str(chase_data), "--ckpt_dir", str(chase_run / "balanced"), "--output_dir",
+             str(tmp_path), "--eval_split", "training", *TINY_NET],
+            cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    images = ["Image_01L.jpg", "Image_02L.jpg"]
+    assert sorted(read_raw(tmp_path, "dice")) == images  # MONAI's metrics gather the two processes' images
+    with open(tmp_path / "overlays" / "topology.csv", newline="") as f:
+        assert sorted(Path(r["image"]).name for r in csv.DictReader(f)) == images
+    assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png")) == [
+        "Image_01L_topology.png", "Image_02L_topology.png"]
 
 
 REFINER = ["configs/vessel/refiner.yaml"]
