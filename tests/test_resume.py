@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -202,7 +203,7 @@ def test_seed_process_seeds_each_rank_and_switches_deterministic_algorithms(monk
         seed_process(4, deterministic=True)  # rank 1 of a run seeded 4 draws what seed 5 draws
         assert torch.equal(torch.rand(4), first)
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-        assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         seed_process(0)
     assert not torch.are_deterministic_algorithms_enabled()
