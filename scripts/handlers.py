@@ -64,7 +64,8 @@ class _ReplacingDiskSaver(DiskSaver):
         self.filename = filename
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
-        checkpoint = _on_cpu(checkpoint)
+        if idist.get_rank() == self.save_on_rank:  # the process that writes: the others would copy for nothing
+            checkpoint = _on_cpu(checkpoint)
         super().__call__(checkpoint, self.filename or filename, metadata)
 
     def remove(self, filename: str) -> None:
