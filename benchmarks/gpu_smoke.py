@@ -9,7 +9,8 @@ The bundle on a GPU, end to end, as a user runs it: one line per check, ``ok``/`
 3. the released ``model.pt`` and checkpoint loaded, without ``map_location``, by a process that sees no GPU;
 4. evaluation, and MC-dropout inference (``--mc_samples 4``) on the test frames;
 5. ``ckpt_export`` and ``onnx_export``, and the exported files run on the CPU against ``model.pt``;
-6. ``configs/multi_gpu_train.yaml`` under torchrun on every visible GPU (NCCL), then resumed for one more epoch.
+6. each network overlay (``configs/network/``, CPU-sized) trained for 2 epochs with a pass each, then MC inference;
+7. ``configs/multi_gpu_train.yaml`` under torchrun on every visible GPU (NCCL), then resumed for one more epoch.
 
     python benchmarks/gpu_smoke.py                        # on the GPU(s), NCCL; about 3 minutes on one GPU
     python benchmarks/gpu_smoke.py --device cpu           # the same checks on the CPU, 2 gloo processes
@@ -166,6 +167,28 @@ class Smoke:
                                str(self.work / "model.onnx")], "on_cpu", env=env)
         return output.strip().splitlines()[-1]
 
+    def networks(self) -> str:
+        """Each network overlay (configs/network/): 2 epochs with a pass each (AMP on a GPU), then MC inference."""
+        frames = self.work / "frames"  # mc_inference's frames
+        done = []
+        for overlay in sorted((BUNDLE_ROOT / "configs" / "network").glob("*.yaml")):
+            name, stack = overlay.stem, f"configs/network/{overlay.name}"
+            self.command([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+                          f"['{TRAIN}','{stack}']", *self.common[:4], "--image_size", "64", "--batch_size", "8",
+                          "--epochs", "2", *PASSES,
+                          "--ckpt_dir", str(self.work / name), "--output_dir", str(self.work / f"{name}_eval")],
+                         f"network_{name}")
+            self.bundle("run", "--config_file", f"['configs/inference.yaml','{stack}']", "--input_dir", str(frames),
+                        "--output_dir", str(self.work / f"{name}_inferred"), "--ckpt_dir", str(self.work / name),
+                        "--device", self.device, "--image_size", "64", "--mc_samples", "4",
+                        log=f"network_{name}_inference")
+            state = torch.load(self.work / name / "checkpoint_final.pt", map_location="cpu", weights_only=True)
+            maps = len(list((self.work / f"{name}_inferred").glob("*_mutual_information.nii.gz")))
+            if state["epsilon_table"]["num_passes"] != 2 or maps != len(list(frames.iterdir())):
+                raise RuntimeError(f"{name}: {state['epsilon_table']['num_passes']} passes, {maps} MI maps")
+            done.append(name)
+        return f"{len(done)} overlays trained with 2 passes and inferred with MC dropout: {', '.join(done)}"
+
     def multi_gpu(self) -> str:
         def launch(*extra: str) -> None:
             self.command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -199,7 +222,7 @@ def main() -> None:
         began = time.perf_counter()
         smoke.check("environment", smoke.environment)
         if not smoke.failed:
-            for name in ("train", "kill_and_resume", "evaluate", "mc_inference", "export", "multi_gpu"):
+            for name in ("train", "kill_and_resume", "evaluate", "mc_inference", "export", "networks", "multi_gpu"):
                 smoke.check(name.replace("_", " "), getattr(smoke, name))
         print(f"{'FAILED: ' + ', '.join(smoke.failed) if smoke.failed else 'all checks passed'} "
               f"in {time.perf_counter() - began:.0f} s", flush=True)

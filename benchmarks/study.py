@@ -25,7 +25,7 @@ per-image test Dice, and the ε distribution over the passes of every adaptive m
 
 Study file (YAML): ``budget`` (overrides for every run), ``splits`` (name: prepared dataset_dir), ``seeds``,
 ``baseline`` (a method name), ``methods`` (name: ``label``, ``configs`` (overlays after configs/train.yaml),
-``overrides``, ``eps_from``, ``backbone``) and optionally ``select`` (name: ``label``, ``from`` (method names)).
+``overrides``, ``eps_from``, ``backbone``, ``baseline``: the method it is tested against, if not the study's) and optionally ``select`` (name: ``label``, ``from`` (method names)).
 Optional keys for another task (benchmarks/study_chase_cpu.yaml, the vessel study):
 
 - ``evaluations`` (name: ``label``, ``configs``, ``overrides``): each trained run is scored once per entry, with
@@ -99,8 +99,10 @@ def load_study(path: Path) -> dict:
     if missing:
         raise SystemExit(f"{path}: missing key(s) {sorted(missing)}")
     methods = spec["methods"]
-    if spec["baseline"] not in methods:
-        raise SystemExit(f"{path}: baseline {spec['baseline']!r} is not one of the methods {sorted(methods)}")
+    for name, m in [("", {"baseline": spec["baseline"]}), *methods.items()]:
+        if m.get("baseline", spec["baseline"]) not in methods:
+            raise SystemExit(f"{path}: {'method ' + repr(name) + ': ' if name else ''}baseline "
+                             f"{m['baseline']!r} is not one of the methods {sorted(methods)}")
     for name, m in methods.items():
         for overlay in m.get("configs", []):
             if not (BUNDLE_ROOT / overlay).is_file():
@@ -362,8 +364,9 @@ def table_rows(spec: dict, results: dict) -> list[dict]:
         for name, row_name, label, ev in names:
             entry = entries[row_name]
             # the baseline under the same evaluation, or (a method scored otherwise, e.g. a refiner) under its first
-            base = entries.get(f"{spec['baseline']}+{ev}" if ev else spec["baseline"]) or next(
-                (entries[r] for r, m, _, _ in report_rows(spec) if m == spec["baseline"] and r in entries), None)
+            baseline = spec["methods"].get(row_name.split("+")[0], {}).get("baseline", spec["baseline"])
+            base = entries.get(f"{baseline}+{ev}" if ev else baseline) or next(
+                (entries[r] for r, m, _, _ in report_rows(spec) if m == baseline and r in entries), None)
             row = {"split": split, "method": name, "label": label, "seeds": len(entry["seeds"])}
             for metric in spec.get("metrics", METRICS):
                 values = [t[metric] for t in entry["test"]]
@@ -380,6 +383,12 @@ def table_rows(spec: dict, results: dict) -> list[dict]:
     return rows
 
 
+def baseline_label(spec: dict) -> str:
+    """The baseline column's name: the study's baseline, or "baseline" where methods name their own."""
+    own = any("baseline" in m for m in spec["methods"].values())
+    return "its baseline" if own else spec["baseline"]
+
+
 def write_tables(rows: list[dict], spec: dict, report: Path) -> None:
     report.mkdir(parents=True, exist_ok=True)
     with open(report / "results.csv", "w", newline="") as f:
@@ -390,7 +399,7 @@ def write_tables(rows: list[dict], spec: dict, report: Path) -> None:
     lower = set(spec.get("lower", []))
     validation = "validation" in eval_splits(spec)
     heads = [METRIC_LABELS.get(m, m) + (" ↓" if m in lower else "") for m in metrics]
-    heads += ["val Dice"] * validation + [f"Δ median Dice vs {spec['baseline']}", "Wilcoxon p", "train min"]
+    heads += ["val Dice"] * validation + [f"Δ median Dice vs {baseline_label(spec)}", "Wilcoxon p", "train min"]
     lines = []
     for split in spec["splits"]:
         lines += [f"### {split} split", "", "| method | seeds | " + " | ".join(heads) + " |",

@@ -7,7 +7,9 @@ either of them (tubular.md §4).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
+from pydoc import locate
 from contextlib import contextmanager
 
 import torch
@@ -19,7 +21,7 @@ from torch import nn
 from scripts.diffusion import AnisotropicDiffusion, rk4
 from scripts.errors import InputError, check_int, check_number, is_int
 
-__all__ = ["DropoutUNet", "FullResolutionUNet", "DiffusionRefiner", "mc_dropout"]
+__all__ = ["DropoutUNet", "FullResolutionUNet", "DiffusionRefiner", "mc_dropout", "dropout_argument", "with_dropout"]
 
 
 # the blocks of both networks: BasicUNet's, with dropout only where MC dropout samples (None: no identity Dropout(0))
@@ -459,3 +461,40 @@ def mc_dropout(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def dropout_argument(cls: type) -> str | None:
+    """The argument of ``cls`` that sets its dropout probability (``dropout``, ``dropout_prob``, ``drop_rate``,
+    ...), found by name; None when it has none. Attention dropout and stochastic depth (``attn_drop_rate``,
+    ``dropout_path_rate``) are not it."""
+    try:
+        names = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return None
+    other = ("path", "attn", "attention", "connect", "block", "layer")
+    return next((n for n in names if "drop" in n.lower() and not any(o in n.lower() for o in other)), None)
+
+
+def with_dropout(network: str | type, dropout: float, **kwargs) -> nn.Module:
+    """
+    ``network(**kwargs)`` with ``dropout`` passed as the class's own dropout argument (:func:`dropout_argument`):
+    ``dropout_prob`` for MONAI's ``SegResNet``, ``drop_rate`` for ``SwinUNETR``.
+
+    For the overlays of classes whose argument is not called ``dropout``: MONAI Label's ``monaibundle`` app sets
+    ``network_def#dropout`` (its ``epistemic_dropout``) on whatever network a bundle declares, which such a class
+    would refuse as an unexpected argument. The network returned is the class's own instance, unchanged.
+
+    Args:
+        network: the class, or its dotted path (``monai.networks.nets.SegResNet``).
+        dropout: the dropout probability, in [0, 1).
+        kwargs: the class's other arguments.
+    """
+    cls = locate(network) if isinstance(network, str) else network
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise InputError(f"network_def#network must name a torch.nn.Module class, got {network!r}.")
+    _check_dropout(dropout)
+    argument = dropout_argument(cls)
+    if argument is None:
+        raise InputError(f"{cls.__name__} has no dropout argument for network_def#dropout: give its network_def "
+                         "without scripts.networks.with_dropout, with dropout layers of its own.")
+    return cls(**kwargs, **{argument: dropout})

@@ -32,7 +32,7 @@ from scripts.errors import InputError
 from scripts.files import atomic_write
 
 __all__ = ["RunIdentity", "RandomStates", "TrainerGradScaler", "seed_process", "check_trained_model",
-           "load_trained_model", "trained_run", "describe", "describe_network"]
+           "load_trained_model", "trained_run", "describe", "describe_network", "network_overlays"]
 
 RUN_FILE = "run.json"  # the identity of the run whose files the checkpoint folder holds
 RUN_FILES = ("model.pt", "checkpoint_final.pt", RUN_FILE)  # plus checkpoint_epoch=N.pt
@@ -267,6 +267,20 @@ def load_trained_model(path: str | Path, network: nn.Module, option: str = "--ck
     return network
 
 
+def network_overlays(class_name: str) -> list[str]:
+    """The bundle's network overlays (the files of configs/network/ and configs/vessel/ that say they are one)
+    that build ``class_name``, as ``--config_file`` paths relative to the bundle root."""
+    root = Path(__file__).resolve().parents[1]
+    # the class is network_def's _target_, or the network that scripts.networks.with_dropout builds
+    pattern = re.compile(rf"^\s*(_target_|network):\s*[\w.]*\b{re.escape(class_name)}\s*(#.*)?$", re.MULTILINE)
+    found = []
+    for path in sorted((root / "configs").glob("*/*.yaml")):
+        text = path.read_text()
+        if text.startswith("# Network overlay") and pattern.search(text):
+            found.append(path.relative_to(root).as_posix())
+    return found
+
+
 def _checked_state(path: str | Path, network: nn.Module, option: str, settings: dict) -> dict:
     """The model state dict of ``path``, once :func:`check_trained_model`'s checks have passed."""
     path = Path(path)
@@ -295,10 +309,13 @@ def _checked_state(path: str | Path, network: nn.Module, option: str, settings: 
     # the class first: another network's --features would otherwise be the confusing first difference
     built = type(getattr(network, "module", network)).__name__
     if trained_class and trained_class != built:
-        raise InputError(f"{path} was trained as {trained_class} (recorded in {run_file}) but this "
-                         f"command builds {built}: add the network overlay it was trained with last to "
-                         "--config_file (the vessel task: configs/vessel/frunet.yaml or unet.yaml, and "
-                         "configs/vessel/refiner.yaml for a refined model).")
+        overlays = network_overlays(trained_class)
+        default = trained_class == "DropoutUNet"  # configs/train.yaml's own network: no overlay at all
+        add = " or ".join([*(["leave the network overlay out"] * default), *(f"add {o} last to --config_file"
+                                                                              for o in overlays)])
+        add = add or f"give --network_def the {trained_class} it was trained with"
+        raise InputError(f"{path} was trained as {trained_class} (recorded in {run_file}) but this command builds "
+                         f"{built}: {add} (and configs/vessel/refiner.yaml for a refined vessel model).")
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
     differing = {k: trained[k] for k in given if k in trained and trained[k] != given[k]}
     if differing:

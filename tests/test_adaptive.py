@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY, TINY_OVERRIDES, TRAIN, read_json, run
+from conftest import BUNDLE_ROOT, TINY, TINY_OVERRIDES, TRAIN, parse, read_json, run
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.difficulty import EpsilonTable
@@ -206,15 +207,18 @@ def test_two_processes_score_their_shards_hold_the_same_table_and_draw_their_own
     assert all(a != b for a, b in zip(r0["augmented"], r1["augmented"]))
 
 
-MULTI_GPU_TRAIN = "['configs/train.yaml','configs/multi_gpu_train.yaml']"
+# with a MONAI network, FlexibleUNet (its encoder-once split, BatchNorm, a backbone), as configs/network/ builds it
+MULTI_GPU_TRAIN = "['configs/train.yaml','configs/multi_gpu_train.yaml','configs/network/flexible_unet.yaml']"
+FLEXIBLE_UNET = {"features": [16, 8, 8, 8, 4]}
 
 
 def multi_gpu_training(demo, out: Path, *extra: str, port: int = 29523) -> list[str]:
     """The command of a 2-process (gloo) run of configs/multi_gpu_train.yaml, 3 epochs, a pass each epoch."""
+    tiny = [*TINY[:2], "--features", json.dumps(FLEXIBLE_UNET["features"]), *TINY[4:]]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m",
             "monai.bundle", "run", "training", "--config_file", MULTI_GPU_TRAIN, "--backend", "gloo", "--device", "cpu",
             "--dataset_dir", str(demo), "--epochs", "3", "--ckpt_dir", str(out / "m"), "--output_dir", str(out / "e"),
-            *TINY, *PASSES[:4], "--mc_samples", "2", *extra]
+            *tiny, *PASSES[:4], "--mc_samples", "2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -238,10 +242,9 @@ def test_multi_gpu_train_config_under_torchrun_with_gloo(demo, multi_gpu_run):
     state = torch.load(multi_gpu_run / "m" / "checkpoint_final.pt", weights_only=True)
     assert state["epsilon_table"]["num_passes"] == 3 and len(state["epsilon_table"]["values"]) == n_train
     assert len(state["random_states"]["ranks"]) == 2  # each process's streams
-    from scripts.networks import DropoutUNet
-
+    network = parse(["configs/train.yaml", "configs/network/flexible_unet.yaml"], **FLEXIBLE_UNET)
     for saved in (state["model"], torch.load(multi_gpu_run / "m" / "model.pt", weights_only=True)):
-        DropoutUNet(3, 2, features=(4, 8, 8, 16, 16)).load_state_dict(saved)  # the module, not the DDP wrapper
+        network.get_parsed_content("network_def").load_state_dict(saved)  # the module, not the DDP wrapper
     rows = list(csv.DictReader(open(multi_gpu_run / "e" / "difficulty_history.csv")))
     assert len(rows) == 3 * n_train and len({r["label"] for r in rows}) == n_train  # both shards, written once
     # rank 0's training and validation writers only: no empty event file from rank 1

@@ -43,12 +43,15 @@ def test_train_throughput(demo, overlay):
 
 
 def test_mc_pass():
-    out = run("benchmarks/mc_pass.py", *TOY, "--images", "2", "--batch-size", "2", "--samples", "2",
-              "--repeats", "1").stdout
-    for row in ("fast pass", "naive pass", "training epoch"):
-        figure(rf"^\| {row} .*?\|\s+(\S+) \|", out)  # s/image
-    figure(r"^speed-up naive/fast:\s+(\S+)x", out)
-    figure(r"^fast pass / epoch:\s+(\S+) ", out)
+    # the bundle's network (a split) and a MONAI overlay (batched full passes), side by side
+    out = run("benchmarks/mc_pass.py", "--networks", "bundle", "basic_unet", "--image-size", "32", "--threads", "1",
+              "--images", "2", "--batch-size", "2", "--samples", "2", "--repeats", "1").stdout
+    for kind in ("sampler", "batched full passes", "sequential passes", "training epoch"):
+        figure(rf"^  {kind}\s+(\S+) s/image", out)
+    figure(r"batched full passes / split (\S+)x", out)
+    for network, sampler in (("bundle", "split"), ("basic_unet", "batched full passes")):
+        figure(rf"^\| {network} \| (\S+) M \| {sampler} \|", out)
+        figure(rf"^\| {network} \|.*?\| (\S+)x \|$", out)  # adaptive training's cost at tau = 10
 
 
 def test_mc_inference():

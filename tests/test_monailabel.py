@@ -19,7 +19,7 @@ LABEL_PYTHON = Path(os.environ.get("MONAILABEL_PYTHON", BUNDLE_ROOT / ".venv-lab
 def test_monailabel_server_infers_trains_and_scores_with_the_bundle(tmp_path):
     proc = subprocess.run(
         [str(LABEL_PYTHON), "apps/monailabel/check_server.py", "--work", str(tmp_path / "monailabel"), "--data",
-         str(KVASIR), "--image-size", "96", "--features", "16", "32", "64", "128", "128", "--port", "8127"],
+         str(KVASIR), "--image-size", "96", "--features", "[16,32,64,128,128]", "--port", "8127"],
         cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
     summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])

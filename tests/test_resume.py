@@ -93,9 +93,9 @@ def test_evaluation_and_inference_name_the_overrides_a_model_was_trained_with(tr
     with pytest.raises(InputError) as info:
         check_trained_model(path, FullResolutionUNet(features=[4, 8]), features=[4, 8])
     assert str(info.value) == (f"{path} was trained as DropoutUNet (recorded in {path.parent / 'run.json'}) but this "
-                               "command builds FullResolutionUNet: add the network overlay it was trained with last "
-                               "to --config_file (the vessel task: configs/vessel/frunet.yaml or unet.yaml, and "
-                               "configs/vessel/refiner.yaml for a refined model).")
+                               "command builds FullResolutionUNet: leave the network overlay out or add "
+                               "configs/vessel/unet.yaml last to --config_file (and configs/vessel/refiner.yaml for a "
+                               "refined vessel model).")
     # without run.json (a model.pt copied on its own) the tensor shapes still tell
     alone = tmp_path / "model.pt"
     alone.write_bytes(path.read_bytes())

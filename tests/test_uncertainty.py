@@ -304,10 +304,10 @@ def test_argument_errors():
             mc_foreground_samples(net, bad, 2)
         with pytest.raises(ValueError, match="images"):
             mc_foreground_samples_naive(net, bad, 2)
-    plain = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Dropout(0.5))
-    with pytest.raises(ValueError, match="encode/decode"):
-        mc_foreground_samples(plain, x, 2)
-    assert mc_foreground_samples_naive(plain, x, 2).shape == (2, 1, 16, 16)
+    plain = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Dropout(0.5))  # no split: full passes, as the reference
+    assert mc_foreground_samples(plain, x, 2).shape == mc_foreground_samples_naive(plain, x, 2).shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="dropout"):
+        mc_foreground_samples(nn.Conv2d(3, 2, 1), x, 2)
     with pytest.raises(ValueError, match="dropout"):
         mc_foreground_samples_naive(nn.Conv2d(3, 2, 1), x, 2)
     with pytest.raises(ValueError, match="2, H, W"):
@@ -352,6 +352,10 @@ def test_auto_chunk_size_follows_the_width_of_the_network_and_the_image():
     assert auto_chunk_size(torch.empty(4, 16, 96, 96)) == (8 << 20) // (2 * 16 * 96 * 96 * 4) == 7
     assert auto_chunk_size(torch.empty(8, 8, 64, 64)) == 8  # capped
     assert auto_chunk_size(torch.empty(1, 64, 2048, 2048)) == 1  # never 0
+    # full forward passes (no split): the batch itself on a CPU, at least 64 pairs elsewhere
+    assert auto_chunk_size(torch.empty(5, 3, 64, 64), split=False) == 5
+    assert auto_chunk_size(torch.empty(5, 3, 64, 64, device="meta"), split=False) == 64
+    assert auto_chunk_size(torch.empty(80, 3, 64, 64, device="meta"), split=False) == 80
     # "auto" gives the same samples as the chunk it chooses (same draws: same decode batches)
     net = DropoutUNet(3, 2, features=(4, 8, 8, 16, 16)).eval()
     x = torch.rand(2, 3, 32, 32)

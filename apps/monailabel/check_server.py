@@ -13,7 +13,8 @@ What it does, each step checked, stopping at the first failure (exit status 1, t
    JPEGs. It trains ``models/model.pt`` with the bundle's own ``training`` command on ``--train-frames`` other
    frames, unless ``--model`` gives weights. ``--image-size``/``--features`` set those ids in the copy's
    ``train.yaml`` and ``inference.yaml`` (a CPU-sized network that learns something in a minute); without them the
-   copy is the bundle as it is (Table 1 U-Net at 224 px);
+   copy is the bundle as it is (Table 1 U-Net at 224 px). ``--network NAME`` merges ``configs/network/NAME.yaml``
+   into both (MONAI Label reads one config of each), so the app serves, trains and scores that network;
 2. writes the reference mask of one unlabelled frame with the bundle's own inference (``configs/inference.yaml``);
 3. starts ``monailabel start_server`` on 127.0.0.1 with ``--conf zoo_source github`` (no zoo download), the
    bundle as model and as ``epistemic_model`` (MONAI Label's epistemic scoring with the network's own dropout p);
@@ -103,9 +104,13 @@ def assemble(args) -> dict:
     # MONAI Label reads configs/metadata.json; the Model Zoo layout also has it at the root
     shutil.copy(BUNDLE_ROOT / "configs" / "metadata.json", bundle / "metadata.json")
 
-    if args.image_size or args.features:
+    # MONAI Label reads one inference config and one training config, so a network overlay is merged into them
+    overlay = ConfigParser.load_config_file(BUNDLE_ROOT / "configs" / "network" / f"{args.network}.yaml") \
+        if args.network else {}
+    if args.image_size or args.features or overlay:
         for name in ("train.yaml", "inference.yaml"):
             config = ConfigParser.load_config_file(bundle / "configs" / name)
+            config.update(overlay)
             config.update({"image_size": args.image_size or config["image_size"],
                            "features": args.features or config["features"]})
             ConfigParser.export_config_file(config, str(bundle / "configs" / name), fmt="yaml")
@@ -350,7 +355,10 @@ def main() -> int:
     parser.add_argument("--train-frames", type=int, default=60, help="frames of the bundle's own training")
     parser.add_argument("--train-epochs", type=int, default=15)
     parser.add_argument("--image-size", type=int, help="image_size of the bundle copy (default: the bundle's)")
-    parser.add_argument("--features", type=int, nargs=5, help="features of the bundle copy (default: the bundle's)")
+    parser.add_argument("--features", type=json.loads, help='features of the bundle copy, as JSON, e.g. '
+                        '"[16,32,64,128,128]" (default: the bundle\'s, or the overlay\'s)')
+    parser.add_argument("--network", help="a network overlay of configs/network/ (e.g. unet), merged into the copy's "
+                        "train.yaml and inference.yaml (default: the bundle's DropoutUNet)")
     parser.add_argument("--labelled", type=int, default=6)
     parser.add_argument("--unlabelled", type=int, default=3)
     parser.add_argument("--mc-samples", type=int, default=10)
