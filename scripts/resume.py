@@ -314,8 +314,10 @@ def _checked_state(path: str | Path, network: nn.Module, option: str, settings: 
         add = " or ".join([*(["leave the network overlay out"] * default), *(f"add {o} last to --config_file"
                                                                               for o in overlays)])
         add = add or f"give --network_def the {trained_class} it was trained with"
+        refined = "" if trained_class == "DiffusionRefiner" else \
+            " (and configs/vessel/refiner.yaml for a refined vessel model)"
         raise InputError(f"{path} was trained as {trained_class} (recorded in {run_file}) but this command builds "
-                         f"{built}: {add} (and configs/vessel/refiner.yaml for a refined vessel model).")
+                         f"{built}: {add}{refined}.")
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
     differing = {k: trained[k] for k in given if k in trained and trained[k] != given[k]}
     if differing:

@@ -118,7 +118,9 @@ def test_an_overlay_trains_adaptively_resumes_evaluates_and_infers_with_mc_dropo
                   dataset_dir=str(demo), ckpt_dir=str(out / "models"), output_dir=str(evaluation), **_small(name))
     with open(evaluation / "metrics.csv", newline="") as f:
         metrics = {k: float(v) for k, v in csv.reader(f)}
-    assert 0.0 < metrics["test_dice"] <= 1.0
+    assert 0.0 <= metrics["test_dice"] <= 1.0  # two epochs may not find a polyp yet: the values are not the point
+    with open(evaluation / "test_dice_raw.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(read_json(demo / "datalist.json")["test"])
 
     frames = tmp_path / "frames"
     frames.mkdir()

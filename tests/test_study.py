@@ -98,6 +98,16 @@ def test_paired_comparison_pairs_images_by_name_and_averages_seeds():
     assert rows[1]["median_dice_diff"] == pytest.approx(np.median(a - b))
     assert rows[0]["wilcoxon_p"] == ""  # the baseline is not compared with itself
 
+    # a method may name its own baseline (the networks study: each network's adaptive run against its Dice run)
+    third = {i: (np.array(v) - rng.normal(0.02, 0.05, 2)).tolist() for i, v in other.items()}
+    spec["methods"] = {"base": {}, "other": {}, "third": {"baseline": "other"}}
+    rows = study.table_rows(spec, {"s": {"base": entry(base), "other": entry(other), "third": entry(third)}})
+    c = np.array([np.mean(third[i]) for i in images])
+    assert rows[2]["wilcoxon_p"] == pytest.approx(wilcoxon(c, a).pvalue)
+    assert rows[2]["median_dice_diff"] == pytest.approx(np.median(c - a))
+    assert rows[1]["wilcoxon_p"] == pytest.approx(wilcoxon(a, b).pvalue)  # the others: the study's baseline
+    assert study.baseline_label(spec) == "its baseline"
+
 
 def test_evaluation_variants_are_rows_with_their_own_metrics_and_figure(tmp_path):
     """A study with named ``evaluations`` (the vessel study's argmax and DTI) reports one row per method and

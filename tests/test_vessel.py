@@ -344,8 +344,7 @@ def test_the_refiner_stage_trains_the_head_only_resumes_and_is_evaluated_by_over
     # a refined model evaluated without the refiner's overlay, resume against another backbone, no backbone at all
     assert bundle_error(EVALUATE, dataset_dir=str(chase_data), ckpt_dir=str(models), features=[4, 8, 8, 16, 16],
                         num_workers=0).endswith(
-        "but this command builds DropoutUNet: add the network overlay it was trained with last to --config_file (the "
-        "vessel task: configs/vessel/frunet.yaml or unet.yaml, and configs/vessel/refiner.yaml for a refined model).")
+        "but this command builds DropoutUNet: add configs/vessel/refiner.yaml last to --config_file.")
     stage = TRAIN + REFINER + ["configs/vessel/train_refiner.yaml"]
     settings = dict(dataset_dir=str(chase_data), ckpt_dir=str(models), output_dir=str(refined_run / "train"),
                     features=[4, 8, 8, 16, 16], num_workers=0, patch_size=64, patches_per_image=2, diffusion_steps=2,
