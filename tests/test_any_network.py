@@ -195,7 +195,7 @@ def test_the_flexible_unet_split_equals_full_passes_with_the_same_seed():
 
     with mc_dropout(net), torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(encode(x), encode(x)))
-    # other chunkings: other draws, same distribution's support; shapes and ranges hold
+    # another chunking draws other masks; shapes and ranges hold
     chunked = mc_foreground_samples(net, x, 4, chunk_size=5)
     assert chunked.shape == (4, 3, 32, 32) and 0 <= chunked.min() and chunked.max() <= 1
     assert encoder_split(parse(["configs/train.yaml", "configs/network/unet.yaml"], features=OVERLAYS["unet"])
