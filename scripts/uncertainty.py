@@ -304,7 +304,7 @@ def check_mc_network(network: nn.Module, image_size, in_channels: int = 3, mc: b
     Check, before a run relies on it, that ``network`` gives Monte Carlo dropout samples that mean something,
     and return it. Each failure is an :class:`InputError` of one sentence naming the class and what to set:
 
-    - the output of a ``(2, in_channels, *image_size)`` input is not one ``(2, 2, H, W)`` tensor (a list, as
+    - the output of a ``(1, in_channels, *image_size)`` input is not one ``(1, 2, H, W)`` tensor (a list, as
       ``BasicUNetPlusPlus`` returns, is refused: the bundle does not guess which of its outputs to use);
     - two eval-mode passes differ (dropout active in eval mode, e.g. ``F.dropout(x, training=True)``);
 
@@ -327,8 +327,8 @@ def check_mc_network(network: nn.Module, image_size, in_channels: int = 3, mc: b
     name = type(net).__name__
     size = spatial_size(image_size)  # the readers' axis order, as the network sees the images
     device = next(net.parameters(), torch.empty(0)).device
-    x = torch.rand(2, in_channels, *size, generator=torch.Generator().manual_seed(0)).to(device)
-    expected = (2, 2, *size)
+    x = torch.rand(1, in_channels, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    expected = (1, 2, *size)
     dropouts = {n: m for n, m in net.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0}
     if mc and not dropouts:
         depth = sorted({type(m).__name__ for m in net.modules() if type(m).__name__ in _STOCHASTIC_DEPTH})

@@ -304,13 +304,13 @@ REFUSALS = {
                     "choose among them: wrap it in a module whose forward returns its final output."),
     "wrong_channels": ({"_target_": "monai.networks.nets.UNet", "spatial_dims": 2, "in_channels": 3,
                         "out_channels": 1, "channels": [4, 8], "strides": [2], "dropout": 0.2},
-                       "error: UNet maps an input of shape (2, 3, 32, 32) to (2, 1, 32, 32), but the bundle needs "
-                       "(2, 2, 32, 32) background/foreground logits: set its output channels to 2 and check that "
+                       "error: UNet maps an input of shape (1, 3, 32, 32) to (1, 1, 32, 32), but the bundle needs "
+                       "(1, 2, 32, 32) background/foreground logits: set its output channels to 2 and check that "
                        "--image_size is divisible by its total downsampling."),
     "input_too_small": ({"_target_": "monai.networks.nets.SwinUNETR", "spatial_dims": 2, "in_channels": 3,
                          "out_channels": 2, "feature_size": 12, "drop_rate": 0.2},
-                        "error: SwinUNETR fails on an input of shape (2, 3, 32, 32) (Expected more than 1 spatial "
-                        "element when training, got input size torch.Size([2, 192, 1, 1])): check --image_size "
+                        "error: SwinUNETR fails on an input of shape (1, 3, 32, 32) (Expected more than 1 spatial "
+                        "element when training, got input size torch.Size([1, 192, 1, 1])): check --image_size "
                         "against the network's downsampling (and its in_channels: the bundle feeds RGB)."),
     "buffers_change": ({"_target_": "test_any_network._StatsInEval"},
                        "error: a Monte Carlo dropout pass of _StatsInEval changed its buffers (calls), which must "
