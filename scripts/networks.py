@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
-from pydoc import locate
 from contextlib import contextmanager
+from pydoc import locate
 
 import torch
 import torch.nn.functional as F

@@ -206,10 +206,12 @@ def test_train_config_has_the_model_zoo_properties(demo, tmp_path):
     assert workflow.check_properties() == []  # every required Model Zoo train property is declared
 
 
-def test_resume_continues_from_the_last_checkpoint(demo, tmp_path):
+def test_resume_continues_from_the_last_checkpoint(demo, trained, tmp_path):
     common = ["--config_file", TRAIN, "--dataset_dir", str(demo), "--ckpt_dir", str(tmp_path / "m"),
               "--output_dir", str(tmp_path / "e"), *TINY]
-    run("-m", "monai.bundle", "run", "training", *common, "--epochs", "2")
+    # the session's 2-epoch run, continued in a copy of its folders
+    shutil.copytree(trained / "models", tmp_path / "m")
+    shutil.copytree(trained / "eval", tmp_path / "e")
     resumed = run("-m", "monai.bundle", "run", "training", *common, "--epochs", "3", "--resume", "True")
     log = resumed.stdout + resumed.stderr
     assert "Restored all variables from" in log
