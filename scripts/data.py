@@ -49,7 +49,7 @@ __all__ = [
     "spatial_size",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif")  # .gif: DRIVE's masks
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".ppm")  # .gif: DRIVE; .ppm: STARE
 TIFF_SUFFIXES = (".tif", ".tiff")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")  # masks in these files may carry compression noise: see binarize_mask
 LABEL_INDEX_MAX = 127  # a lossless mask whose maximum is at most this holds label indices: see binarize_mask
@@ -164,9 +164,32 @@ _UNREADABLE = (
 )
 
 
+# tifffile decodes most TIFF compressions (LZW: DRIVE's frames; JPEG, PackBits) through the package imagecodecs, and
+# without it fails on a sound file with, e.g., ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+_MISSING_PACKAGE = re.compile(r"(?P<feature>.*) requires the '(?P<package>[\w.-]+)' package")
+_TIFF_ENUM = re.compile(r"<(?P<enum>[A-Z]+)\.(?P<value>\w+): \d+>")  # <COMPRESSION.LZW: 5> -> "LZW compression"
+
+
+def _missing_package(error: Exception) -> tuple[str, str] | None:
+    """
+    ``(feature, package)`` when ``error`` says that decoding a file needs a package that is not installed (the file
+    is then sound: installing the package is the remedy), e.g. ``("LZW compression", "imagecodecs")``; else None.
+    """
+    match = _MISSING_PACKAGE.fullmatch(str(error).strip("'\""))
+    if match is None:
+        return None
+    feature = _TIFF_ENUM.sub(lambda m: f"{m['value']} {m['enum'].lower()}", match["feature"])
+    return feature, match["package"]
+
+
 def _unreadable_reason(error: Exception, short: bool = False, kind: str = "image") -> str:
     """Why a file could not be read: a few words (``short``, e.g. ``truncated or corrupt JPEG``) or the reason
     of :func:`_cannot_read`'s sentence."""
+    missing = _missing_package(error)
+    if missing is not None:
+        feature, package = missing
+        return (f"{feature} needs `pip install {package}`" if short else
+                f"its {feature} needs the Python package {package}, which is not installed")
     for types, words, reason in _UNREADABLE:
         if isinstance(error, types):
             return (words if short else reason).format(kind=kind, name=type(error).__name__, error=error)
@@ -174,10 +197,15 @@ def _unreadable_reason(error: Exception, short: bool = False, kind: str = "image
 
 
 def _cannot_read(path, error: Exception, datalist=None) -> InputError:
-    """The one-sentence error for an image file that cannot be opened or decoded, naming it (and its datalist)."""
+    """
+    The one-sentence error for an image file that cannot be opened or decoded, naming it (and its datalist): what
+    to install when a decoder is missing, else how to replace a damaged file.
+    """
     where = f" named in datalist {datalist}" if datalist is not None else ""
-    return InputError(f"cannot read image file {path}{where}: {_unreadable_reason(error)}; restore or replace the "
-                      "file, or remove it from the data.")
+    missing = _missing_package(error)
+    remedy = (f"run `pip install {missing[1]}` and try again" if missing is not None else
+              "restore or replace the file, or remove it from the data")
+    return InputError(f"cannot read image file {path}{where}: {_unreadable_reason(error)}; {remedy}.")
 
 
 def _header_size(path) -> tuple[int, int]:
@@ -356,7 +384,8 @@ def list_images(folder: str | Path, what: str = "images", hint: str = "") -> lis
     return files
 
 
-_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP",
+            ".ppm": "PPM"}
 _SHOWN = 5  # unreadable frames named in a summary; the warnings name every one
 
 

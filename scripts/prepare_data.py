@@ -4,7 +4,7 @@ Build the bundle's ``datalist.json`` from a folder of images and a folder of mas
 
     python -m scripts.prepare_data --images DIR --masks DIR --output DIR [--split-file FILE] [--seed N]
     python -m scripts.prepare_data --root Kvasir-SEG --output DIR        # official layouts, found by name
-    python -m scripts.prepare_data --root DRIVE --output DIR             # also CHASE_DB1: official split, FOV masks
+    python -m scripts.prepare_data --root DRIVE --output DIR             # also CHASE_DB1, STARE, HRF: FOV masks
     python -m scripts.prepare_data --demo --output DIR
 
 Images and masks are paired by file stem and every pair is read once, so that a corrupt file, a mask of the
@@ -12,19 +12,24 @@ wrong size or an image without a mask stops here, naming the file, instead of in
 Masks without an image are left out and listed as warnings. Every failure ends with one line, ``error: ...``,
 and exit status 2.
 
-The retinal vessel sets are taken as released, with their official test images and a field of view per image
-(``fov`` in the datalist): DRIVE's shipped masks, and for CHASE_DB1, which ships none, masks derived from the
-image (``scripts.data.field_of_view``) and written to ``OUTPUT/fov``.
+The retinal vessel sets are taken as released, with their official test images (STARE and HRF have none: the
+split chosen for each is documented in docs/README.md) and a field of view per image (``fov`` in the datalist):
+the masks DRIVE and HRF ship, and for CHASE_DB1 and STARE, which ship none, masks derived from the image
+(``scripts.data.field_of_view``) and written to ``OUTPUT/fov``. STARE's gzip-compressed files (``im0001.ppm.gz``)
+are decompressed into ``OUTPUT/unpacked``; the data folder is only read.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import logging
 import re
+import shutil
 import sys
+import zlib
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,7 @@ from PIL import Image
 
 from scripts.data import (
     FOV_LEVEL,
+    IMAGE_SUFFIXES,
     LABEL_INDEX_MAX,
     PILTiffReader,
     check_pairs,
@@ -50,6 +56,19 @@ KNOWN_LAYOUTS = (("images", "masks"), ("Original", "Ground Truth"), ("original",
 # (the usual ground truth) and the second's Image_01L_2ndHO.png; the usual protocol tests on children 11-14
 CHASE_ID = r"Image_\d+[LR]"
 CHASE_FIRST_TEST_CHILD = 11
+# STARE's vessel release: im0001.ppm (or .ppm.gz) in one folder, Adam Hoover's labels-ah/im0001.ah.ppm (the usual
+# ground truth) and Valentina Kouznetsova's labels-vk/im0001.vk.ppm. It has no official split; the bundle trains
+# and tests one model, so the 20 labelled images are halved in order of number (not leave-one-out)
+STARE_ID = r"im\d{4}"
+STARE_FIRST_TEST = 162  # im0162, the 11th of the 20
+STARE_SPLIT = ("the bundle's: the first 10 labelled images by number (im0001-im0139) train, the last 10 "
+               "(im0162-im0324) test")
+# HRF: images/01_dr.JPG (15 images each of diabetic retinopathy, dr, glaucoma, g, and healthy eyes, h),
+# manual1/01_dr.tif (the ground truth) and mask/01_dr_mask.tif (the field of view, shipped). No official split
+HRF_ID = r"\d{2}_(?:dr|g|h)"
+HRF_TRAIN_PER_CATEGORY = 5  # images 01-05 of each category train, 06-15 test: both sides hold the categories equally
+HRF_SPLIT = "the bundle's: images 01-05 of each category (dr, g, h) train, 06-15 test"
+GZIP_SUFFIX = ".gz"
 FOV_RULE = (f"derived from the image (scripts.data.field_of_view): brightest channel > {FOV_LEVEL}, largest connected "
             "component, holes filled, no erosion")
 
@@ -58,8 +77,10 @@ FOV_RULE = (f"derived from the image (scripts.data.field_of_view): brightest cha
 class Layout:
     """
     A data set as found on disk: the :func:`find_pairs` arguments of each of its parts (DRIVE has two: training/
-    and test/), which images its official split tests (None: no official split; the seeded fractions apply),
-    the subject of each image (kept on one side of a split) and whether fields of view must be derived.
+    and test/), which images its split tests (None: no fixed split; the seeded fractions apply) and, for a set
+    with no official split, the rule the bundle chose (``split``; None: the release's own), the subject of each
+    image (kept on one side of a split), whether fields of view must be derived and whether its files may be
+    gzip-compressed (STARE: see :func:`unpack_gzipped`).
     """
 
     name: str
@@ -67,10 +88,12 @@ class Layout:
     is_test: Callable[[Path], bool] | None = None
     group: Callable[[Path], Hashable] | None = None
     derive_fov: bool = False
+    gzipped: bool = False
+    split: str | None = None
 
 
 def find_layout(root: Path) -> Layout:
-    """The layout of a data set root laid out as an official release: DRIVE, CHASE_DB1 or a polyp set."""
+    """The layout of a data set root laid out as an official release: DRIVE, CHASE_DB1, STARE, HRF or a polyp set."""
     if (root / "training" / "images").is_dir() and (root / "training" / "1st_manual").is_dir():
         return Layout("DRIVE", [_drive_part(root, part) for part in ("training", "test")],
                       is_test=lambda image: image.parent.parent.name == "test")
@@ -80,12 +103,41 @@ def find_layout(root: Path) -> Layout:
         return Layout("CHASE_DB1", [{"images_dir": root, "masks_dir": root, "names": names,
                                      "extra": {"label_2nd": root}, "id_pattern": CHASE_ID}],
                       is_test=lambda image: child(image) >= CHASE_FIRST_TEST_CHILD, group=child, derive_fov=True)
+    if (root / "labels-ah").is_dir():
+        return _stare_layout(root)
+    if all((root / folder).is_dir() for folder in ("images", "manual1", "mask")):
+        names = {"image": "{id}", "label": "{id}", "fov": "{id}_mask"}
+        return Layout("HRF", [{"images_dir": root / "images", "masks_dir": root / "manual1", "names": names,
+                               "extra": {"fov": root / "mask"}, "id_pattern": HRF_ID}],
+                      is_test=lambda image: int(image.stem[:2]) > HRF_TRAIN_PER_CATEGORY, split=HRF_SPLIT)
     for images, masks in KNOWN_LAYOUTS:
         if (root / images).is_dir() and (root / masks).is_dir():
             return Layout(f"{images} + {masks}", [{"images_dir": root / images, "masks_dir": root / masks}])
     expected = " or ".join(f"'{i}' + '{m}'" for i, m in KNOWN_LAYOUTS[:2])
     raise FileNotFoundError(f"{root} holds none of the known layouts ({expected}, DRIVE's training/ + test/, "
-                            "CHASE_DB1's Image_NNx.jpg + Image_NNx_1stHO.png); pass --images and --masks.")
+                            "CHASE_DB1's Image_NNx.jpg + Image_NNx_1stHO.png, STARE's labels-ah/, HRF's images/ + "
+                            "manual1/ + mask/); pass --images and --masks.")
+
+
+def _stare_layout(root: Path) -> Layout:
+    """
+    STARE as released on its vessel page: the images ``im0001.ppm`` (``.ppm.gz`` as downloaded) in ``root`` or
+    in one of its folders (``stare-images/``, say), ``labels-ah/im0001.ah.ppm`` (the ground truth) and, where
+    present, ``labels-vk/im0001.vk.ppm`` (the second observer, ``label_2nd``).
+    """
+    is_image = re.compile(STARE_ID + r"\.ppm(\.gz)?", re.IGNORECASE)
+    folders = [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("labels-"))]
+    images = next((f for f in folders if any(is_image.fullmatch(p.name) for p in f.iterdir())), None)
+    if images is None:
+        raise FileNotFoundError(f"{root} has STARE's labels-ah/ but no folder of its images (im0001.ppm or "
+                                "im0001.ppm.gz) beside it; put the images in it or in one of its folders.")
+    names = {"image": "{id}", "label": "{id}.ah", "label_2nd": "{id}.vk"}
+    extra = {"label_2nd": root / "labels-vk"} if (root / "labels-vk").is_dir() else {}
+    number = lambda image: int(image.stem[2:6])  # noqa: E731  (im0162 -> 162)
+    return Layout("STARE", [{"images_dir": images, "masks_dir": root / "labels-ah", "names": names, "extra": extra,
+                             "id_pattern": STARE_ID}],
+                  is_test=lambda image: number(image) >= STARE_FIRST_TEST, derive_fov=True, gzipped=True,
+                  split=STARE_SPLIT)
 
 
 def _drive_part(root: Path, part: str) -> dict:
@@ -100,6 +152,50 @@ def _drive_part(root: Path, part: str) -> dict:
     if (folder / "2nd_manual").is_dir():
         names["label_2nd"], extra["label_2nd"] = "{id}_manual2", folder / "2nd_manual"
     return {"images_dir": folder / "images", "masks_dir": folder / "1st_manual", "names": names, "extra": extra}
+
+
+def unpack_gzipped(layout: Layout, output: Path) -> tuple[Layout, int]:
+    """
+    ``layout`` with every folder of its parts that holds gzip-compressed images (STARE's ``im0001.ppm.gz``, which
+    no image reader opens) replaced by its decompressed copy ``output/unpacked/<folder name>``, and the number of
+    files decompressed. Into the output folder, never beside the data (it may be read-only or shared), and once,
+    here, rather than at every read in training. A folder is copied whole, so that one half decompressed by hand
+    still pairs: its plain images are copied along, a plain file standing in for its own ``.gz`` twin
+    (``gunzip -k`` keeps both). Each file is written atomically: never half a file.
+    """
+    unpacked = 0
+
+    def unpack(folder: Path) -> Path:
+        nonlocal unpacked
+        files = {p.name.lower(): p for p in sorted(Path(folder).iterdir()) if p.is_file()}
+        plain = [p for p in files.values() if p.suffix.lower() in IMAGE_SUFFIXES]
+        gzipped = [p for name, p in files.items() if name.endswith(GZIP_SUFFIX) and
+                   Path(p.stem).suffix.lower() in IMAGE_SUFFIXES and p.stem.lower() not in files]
+        if not gzipped:
+            return folder
+        target = output / "unpacked" / Path(folder).name
+        for source in plain:
+            with atomic_path(target / source.name) as tmp:
+                shutil.copyfile(source, tmp)
+        for source in gzipped:
+            _gunzip(source, target / source.stem)
+        unpacked += len(gzipped)
+        return target
+
+    parts = [{**part, "images_dir": unpack(part["images_dir"]), "masks_dir": unpack(part["masks_dir"]),
+              "extra": {key: unpack(folder) for key, folder in part.get("extra", {}).items()}}
+             for part in layout.parts]
+    return replace(layout, parts=parts), unpacked
+
+
+def _gunzip(source: Path, target: Path) -> None:
+    """Decompress the gzip file ``source`` to ``target``, atomically; an :class:`InputError` naming a damaged one."""
+    try:
+        with atomic_path(target) as tmp, gzip.open(source, "rb") as f, open(tmp, "wb") as out:
+            shutil.copyfileobj(f, out)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not gzip; truncated; corrupt
+        raise InputError(f"cannot decompress {source}: it is not a complete gzip file ({type(e).__name__}: {e}); "
+                         "restore or replace the file, or remove it from the data.") from e
 
 
 def write_fov_masks(pairs: list[dict], output: Path) -> None:
@@ -191,12 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder of frames (jpg, png, tif, bmp, gif)")
     source.add_argument("--root", type=Path, help="a data set root with images/masks or Original/Ground Truth, "
-                                                  "or DRIVE or CHASE_DB1 as released")
+                                                  "or DRIVE, CHASE_DB1, STARE or HRF as released")
     source.add_argument("--demo", action="store_true", help="generate the synthetic demo set into OUTPUT")
     parser.add_argument("--masks", type=Path, help="folder of masks, paired with the frames by file stem")
     parser.add_argument("--output", type=Path, required=True, help="where datalist.json is written")
     parser.add_argument("--split-file", type=Path, help="file naming the test images, one per line (replaces the "
-                                                        "official test images of DRIVE and CHASE_DB1)")
+                                                        "test images of DRIVE, CHASE_DB1, STARE and HRF)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation(/test) split")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="without --split-file or an official split (default 0.2)")
@@ -217,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             layout = find_layout(args.root)
         else:
             layout = Layout("folders", [{"images_dir": args.images, "masks_dir": args.masks}])
+        unpacked = 0
+        if layout.gzipped:
+            layout, unpacked = unpack_gzipped(layout, args.output)
         pairs = [pair for part in layout.parts for pair in find_pairs(**part)]
         no_image = [(mask, part["images_dir"]) for part in layout.parts for mask in unpaired_masks(**part)]
         if layout.derive_fov:
@@ -229,12 +328,17 @@ def main(argv: list[str] | None = None) -> int:
             images_dir=folders("images_dir") if len(layout.parts) > 1 else folders("images_dir")[0],
             masks_dir=folders("masks_dir") if len(layout.parts) > 1 else folders("masks_dir")[0], seed=args.seed,
             split_file=str(args.split_file) if args.split_file else None,
-            official_split=layout.is_test is not None and args.split_file is None,
+            official_split=layout.is_test is not None and layout.split is None and args.split_file is None,
             binarisation=f"max over non-alpha channels; lossless masks with max <= {LABEL_INDEX_MAX}: non-zero; "
                          "otherwise > half of full scale (1, 255 or 65535)",
         )
         if "fov" in pairs[0]:
             summary["fov"] = FOV_RULE if layout.derive_fov else "shipped with the data set"
+        if layout.split is not None and args.split_file is None:
+            summary["split"] = layout.split
+        if unpacked:
+            summary["unpacked"] = (f"{unpacked} gzip-compressed files of the data set decompressed into "
+                                   f"{(args.output / 'unpacked').resolve()}, which the datalist names")
         path = write_datalist(splits, args.output, summary)
     except (OSError, ValueError) as e:  # InputError is a ValueError
         log.error(f"error: {e}")
@@ -244,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{summary['masks_not_exactly_binary']} masks not exactly binary (binarised), "
              f"{summary['label_index_masks']} of them label-index masks (non-zero = foreground); "
              f"{len(summary['empty_masks'])} empty masks; {len(no_image)} masks without an image (left out)")
+    if unpacked:
+        log.info(summary["unpacked"])
     if "fov" in summary:
         log.info(f"fields of view: {summary['fov']}; {100 * summary['label_outside_fov']:.2f} % of the masks' "
                  "foreground lies outside them")
