@@ -22,11 +22,12 @@ How the FOV restricts a metric:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric, compute_roc_auc, get_confusion_matrix
+from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric, get_confusion_matrix
 from monai.metrics.confusion_matrix import check_confusion_matrix_metric_name
 from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction, ensure_tuple
@@ -34,7 +35,7 @@ from scipy import ndimage
 
 from scripts.errors import InputError, check_choice, check_int
 
-__all__ = ["betti_numbers", "count_components", "topology_defects", "FieldOfViewMetric", "ClDiceMetric",
+__all__ = ["betti_numbers", "count_components", "topology_defects", "roc_auc", "FieldOfViewMetric", "ClDiceMetric",
            "ComponentRatioMetric", "BettiErrorMetric", "FieldOfViewConfusionMatrixMetric", "FieldOfViewROCAUCMetric"]
 
 REDUCTIONS = tuple(r.value for r in MetricReduction)
@@ -55,7 +56,7 @@ def betti_numbers(x: np.ndarray) -> tuple[int, int]:
 
 def count_components(x: np.ndarray) -> int:
     """The number of 8-connected foreground components of the 2-D binary image ``x``."""
-    # scikit-image, optional to MONAI, only where a topology metric runs: every config imports scripts.handlers
+    # scikit-image, optional to MONAI, only where a topology metric runs: every evaluation imports this module
     from skimage.measure import label
 
     return int(label(x, connectivity=2, return_num=True)[1])
@@ -249,11 +250,68 @@ class BettiErrorMetric(FieldOfViewMetric):
         return float(abs(betti_numbers(p & inside)[self.dimension] - betti_numbers(g & inside)[self.dimension]))
 
 
+def roc_auc(y_pred: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
+    """
+    Area under the ROC curve of the scores ``y_pred`` against the binary labels ``y``, both 1-D of the same length
+    n (tensors, on any device, or arrays): the number MONAI's ``monai.metrics.compute_roc_auc`` gives for 1-D
+    inputs (its ``_calculate``), ties included, in O(n log n) array operations instead of its Python loop over the
+    n sorted scores: 20-30x faster (a CHASE_DB1 image's 0.67M FOV pixels: about 0.25 s against 8-12 ms on one core,
+    ``benchmarks/auc.py``).
+
+    The Mann–Whitney statistic, tied scores given their average rank (ranks 1..n in ascending score)::
+
+        AUC = (Σ_{i: y_i = 1} rank_i − n1 (n1 + 1) / 2) / (n1 n0),   n1 = #{y = 1}, n0 = #{y = 0}
+
+    equivalently U / (n1 n0) with U = Σ over the positives of #{negatives scored lower} + ½ #{negatives scored the
+    same}: the probability that a random positive outscores a random negative, a tie counting one half. MONAI's
+    loop accumulates exactly this (a run of tied scores adds its positives times the negatives below it plus half
+    its own negatives). Here each class's scores are sorted once and the negatives counted below and at each
+    positive's score by binary search, ``2U = Σ_pos (searchsorted_left + searchsorted_right)``, in int64. 2U and
+    2 n1 n0 are exact integers (MONAI's float64 sums of halves are exact too, below 2^52), so both divide the same
+    rational once and agree to the last bit. All scores equal give 0.5.
+
+    As MONAI: NaN, with its warning, when ``y`` holds one value only (``"y values can not be all ..."``) or values
+    other than 0 and 1 (``"y values must be 0 or 1 ..."``, also for n = 0). NaN scores, which MONAI ranks in sort
+    order (its result then depends on that order), here tie with each other above every number.
+
+    Raises:
+        ValueError: when ``y_pred`` and ``y`` are not 1-D of the same length.
+    """
+    if isinstance(y_pred, torch.Tensor):
+        # numpy has no bfloat16; float32 holds every half-precision value exactly, so ties stay ties
+        if y_pred.dtype in (torch.float16, torch.bfloat16):
+            y_pred = y_pred.float()
+        y_pred = y_pred.detach().cpu().numpy()
+    y_pred = np.asarray(y_pred)
+    y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if not (y_pred.ndim == y.ndim == 1 and len(y_pred) == len(y)):
+        raise ValueError(f"y_pred and y must be 1-D of the same length, got shapes {y_pred.shape} and {y.shape}.")
+    # the labels checked and counted in one pass each, not with MONAI's unique() (a sort of y)
+    positive = y if y.dtype == bool else y == 1
+    n1 = int(np.count_nonzero(positive))
+    n0 = len(y) - n1 if y.dtype == bool else int(np.count_nonzero(y == 0))
+    if n1 == 0 or n0 == 0 or n1 + n0 != len(y):
+        # the rare case: MONAI's checks and messages, verbatim
+        y_unique = torch.as_tensor(y).unique()
+        if len(y_unique) == 1:
+            warnings.warn(f"y values can not be all {y_unique.item()}, skip AUC computation and return `Nan`.",
+                          stacklevel=2)
+        else:
+            warnings.warn(f"y values must be 0 or 1, but in {y_unique.tolist()}, skip AUC computation and return "
+                          "`Nan`.", stacklevel=2)
+        return float("nan")
+    # sorting values only (no permutation to gather through) is numpy's fastest sort; sorted queries keep the
+    # binary searches in cache
+    pos, neg = np.sort(y_pred[positive]), np.sort(y_pred[~positive])
+    u2 = int(np.searchsorted(neg, pos, side="left").sum()) + int(np.searchsorted(neg, pos, side="right").sum())
+    return u2 / (2 * n1 * n0)  # Python ints: one correctly rounded division
+
+
 class FieldOfViewROCAUCMetric(FieldOfViewMetric):
     """
-    Area under the ROC curve of each image and class over the pixels inside the FOV: MONAI's ``compute_roc_auc``
-    (ties count one half: the Mann–Whitney U over |pos|·|neg|) on those pixels. NaN, with MONAI's warning, when
-    they hold one class only (an empty label).
+    Area under the ROC curve of each image and class over the pixels inside the FOV: :func:`roc_auc` (MONAI's
+    ``compute_roc_auc``, to the last bit, without its per-pixel Python loop; ties count one half: the Mann–Whitney
+    U over |pos|·|neg|) on those pixels. NaN, with MONAI's warning, when they hold one class only (an empty label).
 
     ``y_pred`` is a score that ranks pixels as the foreground probability does: the softmax (B, 2, H, W) with
     ``include_background=False``, or its foreground channel (B, 1, H, W) -- not the logits of one channel, nor the
@@ -265,7 +323,8 @@ class FieldOfViewROCAUCMetric(FieldOfViewMetric):
     binary_pred = False
 
     def _score(self, p: np.ndarray, g: np.ndarray, inside: np.ndarray) -> float:
-        return float(compute_roc_auc(torch.from_numpy(p[inside]), torch.from_numpy(g[inside].astype(np.float64))))
+        # g as float64, as MONAI was given it: the one-class warning names the value 0.0, not False
+        return roc_auc(p[inside], g[inside].astype(np.float64))
 
 
 class FieldOfViewConfusionMatrixMetric(ConfusionMatrixMetric):

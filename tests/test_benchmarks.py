@@ -5,11 +5,13 @@ figures. (``large_frame.py``, ``study.py`` and ``dti.py`` are run by test_infere
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 
 import pytest
-from conftest import run
+import torch
+from conftest import BUNDLE_ROOT, run
 
 # the tests' tiny network at 32 px, on one thread: a few seconds each, most of it importing MONAI
 TOY = ["--image-size", "32", "--features", "4", "8", "8", "16", "16", "--threads", "1"]
@@ -72,3 +74,24 @@ def test_diffusion():
     assert re.search(r"^target N = 100", out, re.MULTILINE) is None  # N = 100 is not among the toy run's steps
     saved = {flag: figure(rf"^\| {flag}\s+\|\s+(\S+) \|", out) for flag in ("True", "False")}
     assert saved["True"] < saved["False"]  # recomputing each step keeps less for the backward pass
+
+
+def test_auc(monkeypatch, capsys):
+    # in this process, not a subprocess: the run itself takes a fraction of a second, a fresh interpreter's import
+    # of MONAI several seconds
+    spec = importlib.util.spec_from_file_location("auc_benchmark", BUNDLE_ROOT / "benchmarks" / "auc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr("sys.argv", ["auc.py", "--quick"])
+    threads = torch.get_num_threads()
+    try:
+        module.main()  # exits 1 if the two AUCs differ
+    finally:
+        torch.set_num_threads(threads)  # main sets it for the benchmark
+    out = capsys.readouterr().out
+    for kind in ("float32", "8-bit"):
+        figure(rf"^\| \S+ \| {kind} \| [\d,]+ \| [\d,]+ \| (\S+) \|", out)  # the AUC
+        figure(rf"^{kind}\s+map, median per image: MONAI (\S+) s", out)
+        figure(rf"^{kind}\s+map, .* roc_auc (\S+) ms", out)
+    figure(r"^ratio MONAI / roc_auc \(median over 2 image maps\): (\S+)x", out)
+    assert re.search(r"^max abs difference: 0\.0e\+00$", out, re.MULTILINE), out  # the same bits

@@ -8,21 +8,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import CHASE, needs
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.handlers import from_engine
-from monai.metrics import compute_dice
+from monai.metrics import compute_dice, compute_roc_auc
 from monai.transforms import Activationsd, AsDiscreted, Compose, CopyItemsd
 from scipy import ndimage
 from scipy.stats import rankdata
 from skimage.morphology import skeletonize
 
 from scripts.errors import InputError
-from scripts.handlers import (AtomicMetricsSaver, BettiError, ClDice, ComponentRatio, FieldOfViewConfusionMatrix,
-                              FieldOfViewROCAUC)
+from scripts.handlers import BettiError, ClDice, ComponentRatio, FieldOfViewConfusionMatrix, FieldOfViewROCAUC
 from scripts.metrics import (BettiErrorMetric, ClDiceMetric, ComponentRatioMetric, FieldOfViewConfusionMatrixMetric,
-                             FieldOfViewROCAUCMetric, betti_numbers, topology_defects)
+                             FieldOfViewROCAUCMetric, betti_numbers, roc_auc, topology_defects)
 from scripts.figures import TOPOLOGY_COLOURS, topology_overlay
+from scripts.reports import AtomicMetricsSaver
 
 
 def broken_line():
@@ -257,6 +258,82 @@ def test_auc_by_hand_and_against_mann_whitney():
         assert math.isnan(score(FieldOfViewROCAUCMetric(), scores, np.zeros_like(labels)))
 
 
+def monai_auc(scores, labels) -> float:
+    """MONAI's ``compute_roc_auc`` of 1-D scores and 0/1 labels, as the metric called it before :func:`roc_auc`."""
+    return float(compute_roc_auc(torch.as_tensor(scores), torch.as_tensor(labels, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("levels", [256, 2, None], ids=["8-bit", "binary", "continuous"])
+def test_roc_auc_is_monais_number(levels):
+    # 8-bit scores (an 8-bit probability map) tie in long runs, binary ones in two; continuous ones hardly ever
+    rng = np.random.default_rng(5)
+    for n, prevalence in ((2, 0.5), (7, 0.3), (500, 0.1), (20000, 0.12), (20000, 0.9)):
+        labels = rng.random(n) < prevalence
+        labels[:2] = True, False  # both classes
+        scores = np.clip(0.25 * labels + rng.random(n) * 0.8, 0, 1)
+        if levels:
+            scores = np.round(scores * (levels - 1)) / (levels - 1)
+        expected = monai_auc(scores, labels)
+        # 2U and 2 n1 n0 are exact integers and MONAI's float64 sums of halves are exact: the same bits, not ~1e-12
+        assert roc_auc(scores, labels) == expected, n
+        assert roc_auc(torch.as_tensor(scores), torch.as_tensor(labels, dtype=torch.float64)) == expected
+        assert roc_auc(scores.astype(np.float32), labels.astype(np.int64)) == monai_auc(scores.astype(np.float32),
+                                                                                         labels)
+        if n > 2:  # a score order reversed is 1 - AUC; a shuffle changes nothing
+            assert roc_auc(-scores, labels) == pytest.approx(1 - expected, abs=1e-12)
+            order = rng.permutation(n)
+            assert roc_auc(scores[order], labels[order]) == expected
+    assert np.isclose(expected, mann_whitney_auc(scores, labels), rtol=1e-12)
+
+
+def test_roc_auc_edge_cases_as_monai():
+    scores = np.array([0.2, 0.7, 0.7, 0.1])
+    assert roc_auc(np.full(4, 0.3), np.array([0, 1, 1, 0])) == 0.5  # all scores tied
+    assert roc_auc(scores, np.array([0, 1, 0, 0])) == monai_auc(scores, [0, 1, 0, 0]) == 5 / 6  # a tie across classes
+    assert roc_auc(scores[[0, 3]], np.array([1, 0])) == 1.0 and roc_auc(scores[[0, 3]], np.array([0, 1])) == 0.0
+    # one class only, labels other than 0/1, no pixel: NaN with MONAI's own warning
+    for labels in ([0.0] * 4, [1.0] * 4, [0.0, 1.0, 2.0, 1.0], [2.0] * 4, []):
+        x = scores[:len(labels)]
+        with pytest.warns(UserWarning) as mine:
+            assert math.isnan(roc_auc(x, np.array(labels)))
+        with pytest.warns(UserWarning) as monais:
+            assert math.isnan(monai_auc(x, labels))
+        assert [str(w.message) for w in mine] == [str(w.message) for w in monais], labels
+    with pytest.raises(ValueError, match="1-D of the same length"):
+        roc_auc(scores, np.array([0, 1, 0]))
+    with pytest.raises(ValueError, match="1-D of the same length"):
+        roc_auc(scores.reshape(2, 2), np.array([[0, 1], [0, 1]]))
+
+
+def vesselness(photo: np.ndarray) -> np.ndarray:
+    """A deterministic score map of a fundus photograph: its green channel inverted, less its local mean (vessels
+    are dark, thin lines), as an 8-bit probability map stores it (256 levels: ties)."""
+    green = 255.0 - photo[..., 1].astype(np.float64)
+    u = ndimage.gaussian_filter(green, 1.0) - ndimage.gaussian_filter(green, 8.0)
+    return np.round(np.clip((u + 10) / 30, 0, 1) * 255) / 255
+
+
+@needs(CHASE)
+def test_roc_auc_on_a_chase_db1_image():
+    from PIL import Image
+
+    from scripts.data import field_of_view
+
+    # the disc's top edge in Image_01L (a 320x320 crop, 31 % of it outside the FOV), to keep MONAI's loop short
+    box = (slice(0, 320), slice(100, 420))
+    photo = np.asarray(Image.open(CHASE / "Image_01L.jpg"))
+    fov = field_of_view(photo)[box]
+    vessels = np.asarray(Image.open(CHASE / "Image_01L_1stHO.png")) > 0
+    u, g = vesselness(photo)[box], vessels[box]
+    assert 0.2 < 1 - fov.mean() < 0.5 and 0.05 < g[fov].mean() < 0.2
+    expected = monai_auc(u[fov], g[fov])
+    assert 0.8 < expected < 1  # a map that ranks vessels, with the ties of 8-bit levels
+    assert len(np.unique(u[fov])) < 256 < fov.sum()
+    assert roc_auc(u[fov], g[fov]) == expected
+    value = FieldOfViewROCAUCMetric()(batch(u), batch(g), mask=batch(fov))
+    assert float(value[0, 0]) == expected
+
+
 def test_inputs_one_hot_single_channel_lists_and_aggregation():
     (p, g), perfect = tree(), tree()[1]
     p, g = batch(p, perfect), batch(g, perfect)  # VCA 3 and 1
@@ -407,7 +484,7 @@ def test_the_break_picture_names_a_ground_truth_of_another_size_and_a_missing_fo
     from monai.data import MetaTensor
     from PIL import Image
 
-    from scripts.handlers import TopologyOverlaySaver
+    from scripts.reports import TopologyOverlaySaver
 
     with pytest.raises(InputError, match=f"--label_dir {tmp_path / 'nowhere'} is not a folder"):
         TopologyOverlaySaver(tmp_path / "out", label_dir=tmp_path / "nowhere")
