@@ -49,6 +49,8 @@ import torch  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 from scripts.losses import PolyDiceLoss  # noqa: E402
 from scripts.uncertainty import (  # noqa: E402
+    auto_chunk_size,
+    decoder_pair_bytes,
     encoder_split,
     mc_foreground_samples,
     mc_foreground_samples_naive,
@@ -198,8 +200,15 @@ def measure(name: str, args) -> dict:
              "training epoch": epoch}
     sampler = "split" if has_split else "batched full passes"
     params = sum(p.numel() for p in net.parameters())
+    chunk = chunk_size
+    if chunk_size == "auto":
+        # what "auto" resolves to; on a CPU with a split, from the decoder's largest tensor for one pair, measured
+        # as the sampler measures it
+        pair = decoder_pair_bytes(net, images[:1]) if has_split and device.type == "cpu" else None
+        chunk = f"auto = {auto_chunk_size(images[:bs], has_split, pair)} pairs" + (
+            f" (decoder's largest tensor {pair / 1e6:.2f} MB a pair)" if pair else "")
     print(f"\n{name}: {type(net).__name__}, {params / 1e6:.2f} M parameters, sampler: {sampler}, batch {bs}, "
-          f"chunk {chunk_size}", flush=True)
+          f"chunk {chunk}", flush=True)
 
     # Warm-up, untimed, on the first batch: allocator, oneDNN/cuDNN kernels, Adam state.
     for k, run in kinds.items():

@@ -283,10 +283,11 @@ def run_study(spec: dict, runs: list[Run], output: Path, jobs: int, threads: int
 # ---------------------------------------------------------------------------------------------------- the report
 def read_metrics(folder: Path) -> dict[str, float]:
     """The mean over images of each metric that ``evaluating`` wrote to ``folder`` (MetricsSaver's ``metrics.csv``,
-    ``test_dice,0.81`` lines), by the names of METRICS: ``{"dice": 0.81, ...}``; with the vessel evaluation's
-    ``overlays/topology.csv``, also the mean ``breaks`` and ``fragments`` per image."""
+    ``test_dice,0.81`` lines; ``validation_dice`` for the validation list), by the names of METRICS:
+    ``{"dice": 0.81, ...}``; with the vessel evaluation's ``overlays/topology.csv``, also the mean ``breaks`` and
+    ``fragments`` per image."""
     with open(folder / "metrics.csv", newline="") as f:
-        metrics = {name.removeprefix("test_"): float(value) for name, value in csv.reader(f)}
+        metrics = {name.split("_", 1)[1]: float(value) for name, value in csv.reader(f)}
     topology = folder / "overlays" / "topology.csv"
     if topology.is_file():
         with open(topology, newline="") as f:

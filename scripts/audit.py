@@ -16,7 +16,7 @@ rank, not D itself, because D has no fixed scale across datasets and epochs. An 
 the ``zero`` rule, and Dice 0 against a non-empty prediction) scores 1 (a little less when several share D = 0 and
 so their averaged rank), the top; unless the model predicts nothing there either, when nothing contradicts it.
 
-The training run rewrites ``label_audit.csv`` after every pass (:class:`scripts.handlers.DifficultyHistory`) and
+The training run rewrites ``label_audit.csv`` after every pass (:class:`scripts.difficulty.DifficultyHistory`) and
 draws ``figures/label_audit.png`` at its end; ``configs/audit.yaml`` does both for a trained ``model.pt``
 (``python -m monai.bundle run auditing``), and the MONAI Label app serves the same order as its
 ``label_audit`` strategy.
@@ -34,7 +34,7 @@ from scipy.stats import rankdata
 
 from scripts.files import atomic_path, atomic_write
 
-__all__ = ["COLUMNS", "label_suspicion", "write_label_audit", "read_label_audit", "audit_labels"]
+__all__ = ["COLUMNS", "label_suspicion", "write_label_audit", "read_label_audit"]
 
 COLUMNS = ("rank", "image", "label", "suspicion", "dice_error", "D")
 
@@ -91,18 +91,3 @@ def read_label_audit(path: str | Path) -> list[dict]:
     if missing:
         raise ValueError(f"{path} lacks the column(s) {sorted(missing)}; expected {COLUMNS}.")
     return [{**r, **{k: float(r[k]) for k in COLUMNS[3:]}, "rank": int(r["rank"])} for r in rows]
-
-
-def audit_labels(difficulty_pass, network: torch.nn.Module, output_dir: str | Path) -> list[Path]:
-    """
-    The audit of a trained ``network`` on demand (``configs/audit.yaml``): one scoring of ``difficulty_pass``'s
-    images (:meth:`scripts.handlers.DifficultyPass.score`, the ε table untouched), then ``label_audit.csv`` and
-    ``figures/label_audit.png`` in ``output_dir``. Returns the written paths.
-    """
-    from scripts.figures import plot_label_audit
-
-    output_dir = Path(output_dir)
-    result = difficulty_pass.score(network, epoch=0)
-    table = write_label_audit(output_dir, result, difficulty_pass.suspect_maps(network, result))
-    return [table, plot_label_audit(output_dir / "mc_maps" / "label_audit.npz", table,
-                                    output_dir / "figures" / "label_audit.png")]

@@ -1,27 +1,39 @@
 # Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
 """
 Image difficulty from mutual information, its normalisation over a pass, the map to the loss parameter ε
-(method.md §3), and the table that holds each training image's ε between passes.
+(method.md §3), the table that holds each training image's ε between passes, and the difficulty pass itself.
 
-A difficulty pass (:class:`scripts.handlers.DifficultyPass`) combines three objects of this module, each its own
-config id in ``configs/train.yaml``: a scorer (``difficulty#scorer``: dropout samples and masks of a batch in, one
-D per image out), the ε map (``difficulty#eps_map``: the D of every image of the pass in, ε out) and the table
-(``epsilon_table``: ε by image id, which the loss reads).
+The pass (:class:`DifficultyPass`, an Ignite handler on the trainer) combines three objects of this module, each
+its own config id in ``configs/train.yaml``: a scorer (``difficulty#scorer``: dropout samples and masks of a batch
+in, one D per image out), the ε map (``difficulty#eps_map``: the D of every image of the pass in, ε out) and the
+table (``epsilon_table``: ε by image id, which the loss reads). :class:`DifficultyHistory` keeps what each pass
+found, for people to look at.
 """
 
 from __future__ import annotations
 
+import csv
+import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
+import ignite.distributed as idist
+import monai
+import numpy as np
 import torch
+from ignite.engine import Engine, Events
 from monai.metrics import compute_dice
 
+from scripts.audit import label_suspicion, write_label_audit
 from scripts.errors import InputError, check_choice, check_int, check_number
-from scripts.uncertainty import uncertainty_maps
+from scripts.files import atomic_path, atomic_write
+from scripts.uncertainty import check_chunk_size, mc_foreground_samples, uncertainty_maps
 
 __all__ = [
     "EMPTY_RULES", "ASSIGNMENTS", "image_difficulty", "dice_error", "normalise_difficulty", "epsilon_from_difficulty",
-    "MutualInformationDifficulty", "DiceErrorDifficulty", "EpsilonMap", "EpsilonTable",
+    "MutualInformationDifficulty", "DiceErrorDifficulty", "EpsilonMap", "EpsilonTable", "DifficultyPass",
+    "DifficultyHistory",
 ]
 
 EMPTY_RULES = ("zero", "image_mean")
@@ -221,3 +233,199 @@ class EpsilonTable:
         self.default = float(state["default"])
         self.num_passes = int(state["num_passes"])
         self.values = {str(k): float(v) for k, v in state["values"]}
+
+
+class DifficultyPass:
+    """
+    The Monte Carlo dropout difficulty pass of method.md §3-4, an Ignite handler on the trainer.
+
+    At the start of epoch e (from 1) with e >= ``start`` and (e − ``start``) mod ``interval`` = 0, the trainer's
+    network, frozen, makes ``num_samples`` dropout samples of every image of ``dataset``
+    (:func:`mc_foreground_samples`). ``scorer`` turns each batch's (N, B, H, W) samples and masks into (B,)
+    difficulties D, ``eps_map`` the D of all images into ε, and ``table``, which the loss reads, takes the new
+    values. From the same samples comes the label audit's evidence, 1 − Dice of the mean prediction. Sampling runs
+    inside ``torch.random.fork_rng`` with a seed of its own (``seed``, epoch, rank), so training draws the same
+    batches and augmentations as without the pass. Under ``torch.distributed`` each process scores every
+    ``world_size``-th image and the scores are gathered, so every process ends with the same table. ``history``
+    (rank 0; None writes nothing) gets each pass's result and the maps of ``num_map_images`` fixed images and of
+    the ``num_audit_images`` most suspect labels (sampled again: a few images, not the set).
+    """
+
+    def __init__(self, dataset, scorer, eps_map, table, start: int = 0, interval: int = 10, num_samples: int = 10,
+                 batch_size: int = 8, num_workers: int = 0, chunk_size: int | str = "auto", seed: int = 0,
+                 history: DifficultyHistory | None = None, num_map_images: int = 8, num_audit_images: int = 8) -> None:
+        self.dataset, self.scorer, self.eps_map, self.table, self.history = dataset, scorer, eps_map, table, history
+        self.start = check_int(start, "DifficultyPass start (--mc_start)")
+        self.interval = check_int(interval, "DifficultyPass interval (--mc_interval)", 1)
+        self.num_samples = check_int(num_samples, "DifficultyPass num_samples (--mc_samples)", 2)
+        self.batch_size, self.num_workers = check_int(batch_size, "batch_size", 1), num_workers
+        self.chunk_size, self.seed = check_chunk_size(chunk_size), seed
+        self.num_map_images, self.num_audit_images = num_map_images, num_audit_images
+
+    def is_due(self, epoch: int) -> bool:
+        """Algorithm 1's schedule (``Events.EPOCH_STARTED(every=τ)`` would never fire at epoch 1)."""
+        return epoch >= self.start and (epoch - self.start) % self.interval == 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED(event_filter=lambda _, epoch: self.is_due(epoch)), self)
+        if self.history is not None:
+            self.history.attach(engine)
+
+    def __call__(self, engine: Engine) -> None:
+        self.run_pass(engine.network, engine.state.epoch)
+
+    def run_pass(self, network: torch.nn.Module, epoch: int) -> dict:
+        """Score every image with ``network``, update the table and hand the result to the history; returns it."""
+        began = time.perf_counter()
+        result = self.score(network, epoch)
+        result.update(D_norm=self.eps_map.normalise(result["D"]), eps=self.eps_map(result["D"], epoch))
+        self.table.update(result["labels"], result["eps"])
+        result.update(epoch=epoch, pass_number=self.table.num_passes, seconds=time.perf_counter() - began)
+        if self.history is not None and idist.get_rank() == 0:
+            fixed = np.random.default_rng(self.seed).permutation(len(self.dataset))[: self.num_map_images]
+            self.history.write(result, self.maps(network, fixed.tolist(), epoch), self.suspect_maps(network, result))
+        return result
+
+    def audit(self, network: torch.nn.Module, output_dir: str | Path) -> list[Path]:
+        """
+        The label audit of a trained ``network`` on demand (``configs/audit.yaml``): one :meth:`score` (the ε table
+        untouched), then ``label_audit.csv`` and ``figures/label_audit.png`` in ``output_dir``. Returns both paths.
+        """
+        from scripts.figures import plot_label_audit  # matplotlib only where a figure is drawn
+
+        output_dir = Path(output_dir)
+        result = self.score(network, epoch=0)
+        table = write_label_audit(output_dir, result, self.suspect_maps(network, result))
+        return [table, plot_label_audit(output_dir / "mc_maps" / "label_audit.npz", table,
+                                        output_dir / "figures" / "label_audit.png")]
+
+    def suspect_maps(self, network: torch.nn.Module, result: dict) -> dict[str, np.ndarray]:
+        """:meth:`maps` of the ``num_audit_images`` most suspect labels of a :meth:`score` result."""
+        suspects = result["suspicion"].argsort(descending=True, stable=True)[: self.num_audit_images]
+        return self.maps(network, suspects.tolist(), result.get("epoch", 0))
+
+    def score(self, network: torch.nn.Module, epoch: int) -> dict:
+        """Image and label ids, D, 1 − Dice and label suspicion of every image (all processes', dataset order)."""
+        rank, world = idist.get_rank(), idist.get_world_size()
+        rows = []
+        for batch, samples in self._sample(network, range(rank, len(self.dataset), world), epoch):
+            labels = batch["label"].as_tensor()
+            d, error = self.scorer(samples, labels).tolist(), dice_error(samples.mean(0), labels).tolist()
+            rows += zip(batch["index"].tolist(), batch["image"].meta["filename_or_obj"],
+                        batch["label"].meta["filename_or_obj"], d, error)
+        rows = sorted(r for part in idist.all_gather(rows) for r in part)  # one part without torch.distributed
+        _, images, labels, d, error = zip(*rows)
+        d, error = torch.tensor(d, dtype=torch.float64), torch.tensor(error, dtype=torch.float64)
+        return {"images": [str(i) for i in images], "labels": [str(i) for i in labels], "D": d,
+                "dice_error": error, "suspicion": label_suspicion(d, error),
+                "scored_here": len(range(rank, len(self.dataset), world))}
+
+    def maps(self, network: torch.nn.Module, indices: list[int], epoch: int) -> dict[str, np.ndarray]:
+        """The images, labels and uncertainty maps of the images at ``indices`` (of :func:`uncertainty_maps`)."""
+        parts = [{"image": batch["image"].as_tensor(), "label": batch["label"].as_tensor()[:, 0],
+                  **uncertainty_maps(samples), "ids": batch["label"].meta["filename_or_obj"]}
+                 for batch, samples in self._sample(network, indices, epoch)]
+        if not parts:
+            return {}
+        arrays = {k: torch.cat([p[k] for p in parts]).float().cpu().numpy() for k in parts[0] if k != "ids"}
+        return {"ids": np.array([str(i) for p in parts for i in p["ids"]]), **arrays}
+
+    def _sample(self, network, indices, epoch):
+        """Batches of the images at ``indices`` with their (N, B, H, W) samples, drawn from the pass's own seed."""
+        device = next(network.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed + 100_003 * epoch + idist.get_rank())
+            loader = monai.data.DataLoader(_Indexed(self.dataset, list(indices)), batch_size=self.batch_size,
+                                           num_workers=self.num_workers)  # it draws a seed: inside the fork
+            for batch in loader:
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                yield batch, mc_foreground_samples(network, batch["image"].as_tensor(), self.num_samples,
+                                                   self.chunk_size)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """The items of ``dataset`` at ``indices``, each with its ``index`` in ``dataset``."""
+
+    def __init__(self, dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[self.indices[i]], "index": self.indices[i]}
+
+
+class DifficultyHistory:
+    """
+    What the difficulty pass leaves for people to look at, in ``output_dir`` (rank 0; every file written whole,
+    then renamed, :mod:`scripts.files`):
+
+    - ``difficulty_history.csv``: one row per image per pass, ``pass, epoch, image, label, D, D_norm, eps,
+      dice_error, seconds`` (the last the pass's wall time). Rows of this pass number or later, left by a crashed
+      or older run, are replaced.
+    - ``mc_maps/pass_NNN.npz``: the image, label and uncertainty maps of a fixed set of images (the layout of
+      :mod:`scripts.figures`); ``mc_maps/label_audit.npz``: the same for the most suspect labels of the last pass.
+    - ``label_audit.csv``: the training images ranked by the evidence of a wrong label (:mod:`scripts.audit`).
+    - TensorBoard histograms and medians of D and ε, with a ``summary_writer``, and a log line per pass.
+    - When training completes, ``figures/``: the uncertainty evolution of the easiest and hardest mapped image, the
+      ε distribution over the passes and the label-audit sheet.
+    """
+
+    def __init__(self, output_dir: str | Path, summary_writer=None) -> None:
+        self.output_dir = Path(output_dir)
+        self.writer = summary_writer
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self.write_figures)
+
+    def write(self, result: dict, maps: dict[str, np.ndarray], suspect_maps: dict[str, np.ndarray]) -> None:
+        """Record one pass's ``result`` (of :meth:`DifficultyPass.run_pass`) and the maps of its images."""
+        k, epoch, d, eps = result["pass_number"], result["epoch"], result["D"], result["eps"]
+        logging.getLogger(__name__).info(
+            f"difficulty pass {k} at epoch {epoch}: {len(d)} images in {result['seconds']:.1f} s; D min/median/max "
+            f"{d.min():.4g}/{d.median():.4g}/{d.max():.4g}; eps min/median/max {eps.min():.3f}/{eps.median():.3f}/"
+            f"{eps.max():.3f}")
+        if self.writer is not None:
+            for name in ("D", "eps"):
+                self.writer.add_histogram(f"difficulty_pass/{name}", result[name], epoch)
+                self.writer.add_scalar(f"difficulty_pass/{name}_median", float(result[name].median()), epoch)
+            self.writer.add_scalar("difficulty_pass/seconds", result["seconds"], epoch)
+            self.writer.flush()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        history = self.output_dir / "difficulty_history.csv"
+        kept = []  # rows of this pass or later come from a run that crashed after them, or from an older run
+        if history.exists():
+            with open(history, newline="") as f:
+                kept = [r for r in list(csv.reader(f))[1:] if int(r[0]) < k]
+        columns = ("D", "D_norm", "eps", "dice_error")
+        with atomic_write(history, newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["pass", "epoch", "image", "label", *columns, "seconds"])
+            writer.writerows(kept)
+            for i, (image, label) in enumerate(zip(result["images"], result["labels"])):
+                writer.writerow([k, epoch, image, label, *(f"{float(result[c][i]):.6g}" for c in columns),
+                                 f"{result['seconds']:.3f}"])
+        if maps:
+            with atomic_path(self.output_dir / "mc_maps" / f"pass_{k:03d}.npz") as tmp:
+                np.savez_compressed(tmp, epoch=epoch, **maps)
+        write_label_audit(self.output_dir, result, suspect_maps)
+
+    def write_figures(self, engine: Engine | None = None) -> list[Path]:
+        """The figures of :mod:`scripts.figures` and the label-audit sheet; rank 0, once a pass has run."""
+        if idist.get_rank() != 0 or not (self.output_dir / "difficulty_history.csv").exists():
+            return []
+        from scripts.figures import plot_label_audit, write_figures  # matplotlib only where a figure is drawn
+
+        scores = None
+        last = sorted((self.output_dir / "mc_maps").glob("pass_*.npz"))
+        if last:
+            with np.load(last[-1]) as z:
+                dice = 1.0 - dice_error(torch.as_tensor(z["mean"]), torch.as_tensor(z["label"]))  # both empty: 1
+                scores = {str(i): float(v) for i, v in zip(z["ids"], dice)}
+        written = write_figures(self.output_dir, scores=scores)
+        audit = self.output_dir / "mc_maps" / "label_audit.npz"
+        if audit.exists():
+            written.append(plot_label_audit(audit, self.output_dir / "label_audit.csv",
+                                            self.output_dir / "figures" / "label_audit.png"))
+        return written

@@ -28,6 +28,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from scripts.audit import read_label_audit
 from scripts.files import atomic_path
 
 __all__ = ["plot_uncertainty_evolution", "plot_epsilon_distribution", "plot_label_audit", "choose_images",
@@ -244,8 +245,6 @@ def plot_label_audit(map_file: str | Path, audit_csv: str | Path, out_png: str |
     suspect first, with the frame, its label, the mean prediction (each outlined on the frame) and the mutual
     information; the row title gives the rank, suspicion, 1 − Dice and D of ``audit_csv``. Returns ``out_png``.
     """
-    from scripts.audit import read_label_audit
-
     rows = {r["label"]: r for r in read_label_audit(audit_csv)}
     with np.load(map_file, allow_pickle=False) as data:
         ids = [str(i) for i in data["ids"]]

@@ -8,17 +8,23 @@ and Windows), so the target is always either the old file or the new one.
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from monai.data import PILWriter
 
-from scripts.errors import InputError
+from scripts.errors import InputError, check_int
 
-__all__ = ["atomic_write", "atomic_path", "write_csv", "AtomicPILWriter", "check_output_dir"]
+__all__ = ["atomic_write", "atomic_path", "write_csv", "AtomicPILWriter", "check_output_dir", "PREVIOUS", "set_aside"]
+
+PREVIOUS = "previous"  # the subfolder where a new run or evaluation puts what an earlier one left
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -83,3 +89,41 @@ def check_output_dir(path: str | os.PathLike, option: str = "--output_dir") -> b
         raise InputError(f"{option} {path} is not writable (no write permission on {existing}): pass {option} "
                          "another folder.")
     return True
+
+
+def set_aside(folder: str | os.PathLike, patterns: Sequence[str], label: str, keep: int = 5,
+              copy: Sequence[str] = ()) -> Path | None:
+    """
+    Move what an earlier run or evaluation left in ``folder`` out of a new one's way: the entries of ``folder``
+    matching the glob ``patterns`` (files or folders) go, whole, to ``folder/previous/<label>-<date>-<time>/``; those
+    named in ``copy`` are copied instead (they stay usable where they are). Then only the newest ``keep`` folders of
+    ``previous/`` are kept (``keep`` = 0 keeps none). Each step is one log line naming what moved or was removed,
+    so that nothing disappears unseen. Returns the new folder, or None when nothing matched.
+    """
+    keep = check_int(keep, "--keep_previous")
+    folder = Path(folder)
+    found = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.name != PREVIOUS})
+    if not found:
+        return None
+    stamp = f"{label.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = folder / PREVIOUS / stamp
+    for n in range(2, 1000):  # two in one second: a fresh name, never a merge
+        if not target.exists():
+            break
+        target = folder / PREVIOUS / f"{stamp}-{n}"
+    target.mkdir(parents=True)
+    for path in found:
+        if path.name in copy:
+            shutil.copy2(path, target / path.name)
+        else:
+            shutil.move(str(path), target / path.name)
+    logger.warning(f"{folder} held the files of an earlier {label} ({', '.join(p.name for p in found)}); "
+                   f"moved them to {target}.")
+    older = sorted((p for p in (folder / PREVIOUS).iterdir() if p.is_dir()), key=lambda p: (p.stat().st_mtime, p.name))
+    removed = older[: max(len(older) - keep, 0)]
+    for path in removed:
+        shutil.rmtree(path)
+    if removed:
+        logger.warning(f"removed {len(removed)} older folder(s) of {folder / PREVIOUS} to keep the newest {keep} "
+                       f"(--keep_previous): {', '.join(p.name for p in removed)}.")
+    return target if target.exists() else None

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import os
 import pickle
 import random
 import re
-import shutil
 import sys
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,16 +26,18 @@ import torch
 from monai.transforms import Compose, Randomizable
 from monai.utils import set_determinism
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from scripts.errors import InputError
-from scripts.files import atomic_write
+from scripts.errors import InputError, check_int
+from scripts.files import PREVIOUS, atomic_write, set_aside
 
-__all__ = ["RunIdentity", "RandomStates", "TrainerGradScaler", "seed_process", "check_trained_model",
-           "load_trained_model", "trained_run", "describe", "describe_network", "network_overlays"]
+__all__ = ["RunIdentity", "RandomStates", "TrainerGradScaler", "CosineSchedule", "seed_process", "check_trained_model",
+           "check_window", "load_trained_model", "trained_run", "trained_window", "describe", "describe_network",
+           "network_overlays"]
 
 RUN_FILE = "run.json"  # the identity of the run whose files the checkpoint folder holds
 RUN_FILES = ("model.pt", "checkpoint_final.pt", RUN_FILE)  # plus checkpoint_epoch=N.pt
-PREVIOUS = "previous"  # subfolder where a fresh run puts an earlier run's files
+CHECKPOINTS = "checkpoint_epoch=*.pt"
 # what a resume checkpoint holds; 2 (version 0.9): the AMP loss scale, and the random states of every process, as
 # bytes (1: the states of rank 0 alone, as tensors that a map_location moved off the CPU)
 CHECKPOINT_LAYOUT = 2
@@ -97,8 +98,8 @@ class RunIdentity:
     - ``--resume True`` continues from the newest readable checkpoint of *this* run, and refuses, naming the
       checkpoint and every setting that differs, a folder whose newest checkpoint belongs to another run;
     - a fresh run never mixes with another run's files: it moves them (checkpoints, ``run.json``; ``model.pt`` is
-      copied, for a ``CheckpointLoader`` that fine-tunes from it) to ``ckpt_dir/previous/<run id>-<time>/`` and
-      says so, so that the other run's best model stays intact;
+      copied, for a ``CheckpointLoader`` that fine-tunes from it) to ``ckpt_dir/previous/run-<run id>-<time>/``, keeps
+      the newest ``keep_previous`` such folders and says so, so that the other run's best model stays intact;
     - evaluation and inference can tell the settings a ``model.pt`` was trained with
       (:func:`check_trained_model`).
 
@@ -113,12 +114,14 @@ class RunIdentity:
         settings: the other config ids that make the run what it is (``image_size``, ``batch_size``, the
             difficulty pass's schedule ...). ``features``, ``dropout`` and ``image_size`` among them are what
             :func:`check_trained_model` compares.
+        keep_previous: how many earlier runs' folders ``previous/`` keeps (:func:`scripts.files.set_aside`).
     """
 
     def __init__(self, ckpt_dir: str | Path, training: Sequence[Mapping], validation: Sequence[Mapping],
                  dataset_dir: str | Path, network: nn.Module, loss, components: Mapping | None = None,
-                 settings: Mapping | None = None) -> None:
+                 settings: Mapping | None = None, keep_previous: int = 5) -> None:
         self.ckpt_dir = Path(ckpt_dir)
+        self.keep_previous = check_int(keep_previous, "--keep_previous")
         self.settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in (settings or {}).items()}
         self.fingerprint = {
             "data": _describe_data(training, validation, dataset_dir),
@@ -178,24 +181,17 @@ class RunIdentity:
                       indent=2)
 
     def _set_aside_previous_run(self) -> None:
-        files = [self.ckpt_dir / n for n in RUN_FILES] + list(self.ckpt_dir.glob("checkpoint_epoch=*.pt"))
-        files = [f for f in files if f.is_file()]
-        if not files:
+        if not any((self.ckpt_dir / n).is_file() for n in RUN_FILES) and not any(self.ckpt_dir.glob(CHECKPOINTS)):
             return
         try:
             previous = json.loads((self.ckpt_dir / RUN_FILE).read_text()).get("run_id", "unknown")
         except (OSError, ValueError):
             previous = "unknown"
-        target = self.ckpt_dir / PREVIOUS / f"{previous}-{time.strftime('%Y%m%d-%H%M%S')}"
-        target.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            # model.pt is copied, not moved: a CheckpointLoader may start this run from it (MONAI Label's training
-            # inserts one); this run replaces it at its first validation
-            (shutil.copy2 if f.name == "model.pt" else shutil.move)(str(f), target / f.name)
-        logger.warning(f"{self.ckpt_dir} held the files of another run ({previous}: "
-                       f"{', '.join(sorted(f.name for f in files))}); moved them to {target} — this run starts "
-                       "from scratch (model.pt stays until this run's first validation replaces it). Pass "
-                       "--resume True to continue that run instead.")
+        # model.pt is copied, not moved: a CheckpointLoader may start this run from it (MONAI Label's training
+        # inserts one); this run replaces it at its first validation
+        set_aside(self.ckpt_dir, [*RUN_FILES, CHECKPOINTS], f"run {previous}", self.keep_previous, copy=["model.pt"])
+        logger.warning(f"this run starts from scratch (model.pt stays until this run's first validation replaces "
+                       f"it); pass --resume True to continue run {previous} instead.")
 
     def resume_checkpoint(self) -> str:
         """
@@ -257,6 +253,33 @@ def check_trained_model(path: str | Path, network: nn.Module, option: str = "--c
     """
     _checked_state(path, network, option, settings)
     return True
+
+
+def check_window(path: str | Path, window_size, option: str = "--window_size") -> bool:
+    """
+    Warn, before an evaluation or inference starts, when the network in ``path`` will see windows of another size
+    than it was trained on: the ``trained_window`` (else the ``patch_size``) that the ``run.json`` beside it records.
+    A network trained on small patches scores worse in larger windows (on CHASE_DB1 a U-Net trained on 48-px
+    patches lost about 0.08 Dice in 256-px windows and whole images, docs/results_vessels.md). Nothing is recorded
+    (a polyp model, a model without ``run.json``): no warning. Returns True, for use as a config step.
+    """
+    trained = trained_window(path)
+    if trained is not None and trained != window_size:
+        logger.warning(f"{path} was trained on {trained}-px patches (recorded in {Path(path).parent / RUN_FILE}) but "
+                       f"{option} is {window_size}: a network scores worse in windows other than its training "
+                       f"patches' size (about 0.08 Dice on CHASE_DB1); pass {option} {trained} unless you have "
+                       "measured otherwise.")
+    return True
+
+
+def trained_window(path: str | Path) -> int | None:
+    """The window a trained model of ``path`` was trained on (``trained_window`` or ``patch_size`` in the
+    ``run.json`` beside it), None where none is recorded: what a model built on it (the refiner) records."""
+    try:
+        settings = json.loads((Path(path).parent / RUN_FILE).read_text()).get("settings", {})
+    except (OSError, ValueError):
+        return None
+    return settings.get("trained_window", settings.get("patch_size"))
 
 
 def load_trained_model(path: str | Path, network: nn.Module, option: str = "--ckpt_dir", **settings) -> nn.Module:
@@ -487,3 +510,32 @@ class TrainerGradScaler:
         scaler = getattr(self.trainer, "scaler", None)
         if scaler is not None and state:
             scaler.load_state_dict(state)
+
+
+class CosineSchedule(CosineAnnealingLR):
+    """
+    torch's ``CosineAnnealingLR`` in closed form, ``lr_e = η_min + (η_0 − η_min)(1 + cos(π e / T_max)) / 2`` after
+    ``e`` steps (one an epoch), whose length stays the run's when a checkpoint is loaded: ``--resume`` with a larger
+    ``--epochs`` *stretches* the schedule to end at the new last epoch (torch's would keep the checkpoint's
+    ``T_max``, run at ``η_min`` past it and then climb back up), and the log says so. From the resumed epoch on, the
+    learning rate is the one a run of the new length has there. Load it after the optimizer (``CheckpointLoader``
+    loads in ``load_dict`` order), whose learning rate it then sets.
+
+    Takes the arguments of ``torch.optim.lr_scheduler.CosineAnnealingLR``.
+    """
+
+    def get_lr(self) -> list[float]:
+        return [self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2
+                for base in self.base_lrs]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        t_max = self.T_max
+        super().load_state_dict(state_dict)
+        if self.T_max != t_max:
+            self.T_max = t_max
+            for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+                group["lr"] = lr
+            self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            logger.warning(f"resumed at epoch {self.last_epoch} of a run started with --epochs "
+                           f"{state_dict['T_max']}: the cosine learning-rate schedule is stretched to end at epoch "
+                           f"{t_max}, from lr {self._last_lr[0]:.3g} now.")

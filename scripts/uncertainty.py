@@ -31,8 +31,8 @@ from scripts.networks import DiffusionRefiner, DropoutUNet, FullResolutionUNet, 
 from scripts.errors import InputError, is_int
 
 __all__ = [
-    "binary_entropy", "auto_chunk_size", "check_chunk_size", "mc_foreground_samples", "mc_foreground_samples_naive",
-    "uncertainty_maps", "encoder_split", "check_mc_network", "MCDropoutInferer",
+    "binary_entropy", "auto_chunk_size", "decoder_pair_bytes", "check_chunk_size", "mc_foreground_samples",
+    "mc_foreground_samples_naive", "uncertainty_maps", "encoder_split", "check_mc_network", "MCDropoutInferer",
 ]
 
 
@@ -163,17 +163,93 @@ def _foreground(logits, expected: tuple[int, ...]) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
-def auto_chunk_size(features: torch.Tensor, split: bool = True) -> int:
+def _largest_bytes(obj) -> int:
+    """Bytes of the largest tensor in ``obj`` (a tensor, or lists, tuples and dicts of them, nested)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return max((_largest_bytes(o) for o in obj), default=0)
+    return 0
+
+
+@contextlib.contextmanager
+def _largest_activation(net: nn.Module):
+    """
+    Yields a one-item list that holds, when the block ends, the bytes of the largest tensor that a module of ``net``
+    took or returned while it ran (forward pre-hooks and hooks). A tensor made by a functional op and used only by
+    other functional ops is not seen; in the bundle's networks the largest is a module's input (the concatenation
+    that an ``UpCat`` block's convolutions read).
+    """
+    largest = [0]
+
+    def see(obj) -> None:
+        largest[0] = max(largest[0], _largest_bytes(obj))
+
+    hooks = []
+    try:
+        # a ScriptModule takes no hooks: its input and output are seen by its parent's
+        for m in (m for m in net.modules() if not isinstance(m, torch.jit.ScriptModule)):
+            hooks.append(m.register_forward_pre_hook(lambda m, args, kwargs: see((args, kwargs)), with_kwargs=True))
+            hooks.append(m.register_forward_hook(lambda m, args, out: see(out)))
+        yield largest
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def decoder_pair_bytes(network: nn.Module, images: torch.Tensor) -> int | None:
+    """
+    The figure :func:`auto_chunk_size` sizes a CPU chunk from: the bytes of the largest tensor that the stochastic
+    part of :func:`encoder_split` (``decode``) takes or returns for one (sample, image) pair of ``images``
+    ``(B, C, H, W)``, in sampling mode; None for a network without a split. One run of the split on the first image.
+    """
+    net = _unwrap(network)
+    split = encoder_split(net)
+    if split is None:
+        return None
+    encode, decode = split
+    with mc_dropout(net), torch.inference_mode(), _autocast(images):
+        feats = encode(images[:1])
+        with _largest_activation(net) as largest:
+            decode(feats)
+    return largest[0]
+
+
+def auto_chunk_size(features: torch.Tensor, split: bool = True, pair_bytes: int | None = None) -> int:
     """
     The (sample, image) pairs per network call that :func:`mc_foreground_samples` uses by default.
 
-    With the encoder-once split (``split``), ``features`` is the split's full-resolution output for one batch,
-    ``(B, f0, H, W)``: on a GPU 64 pairs (memory, not speed, is the limit; lower ``mc_chunk_size`` if it runs out);
-    on a CPU as many pairs as keep the decoder's largest tensor (the skip concatenated with the upsampled features,
-    ``2·f0·H·W`` floats a pair) within 8 MiB, and at most 8: measured with ``benchmarks/mc_pass.py`` (one thread),
-    the Table 1 U-Net at 224 px is fastest at 1 pair (25.7 MB each; larger blocks are mapped afresh by glibc on
-    every allocation), and narrow networks at 8 (features 16..128 at 96 px: 0.084 s/image at 7-8 pairs, 0.106 at
-    28, 0.140 at 64; features 8..64 at 64 px: 0.020 at 8, 0.022 at 32, 0.030 at 1).
+    With the encoder-once split (``split``), ``features`` is the split's first output for one batch (for the
+    bundle's U-Nets the full-resolution skip, ``(B, f0, H, W)``): on a GPU 64 pairs (memory, not speed, is the
+    limit; lower ``mc_chunk_size`` if it runs out); on a CPU as many pairs as keep the decoder's largest tensor
+    within 8 MiB, and at most 8: ``max(1, min(8, 8 MiB // pair_bytes))``.
+
+    ``pair_bytes`` is that largest tensor for one pair, as :func:`mc_foreground_samples` measures it on a CPU (with
+    forward hooks, on the first sample of the B images of each call, which it runs as one chunk: no extra work;
+    :func:`decoder_pair_bytes` measures it the same way). Measured, float32,
+    ``f0``, ``f1`` the first two widths (in parentheses the chunk of the former estimate, ``2·f0·H·W`` floats):
+
+    - :class:`~scripts.networks.DropoutUNet`: ``2·f0·H·W`` floats, ``up4``'s concatenation of the skip and the
+      upsampled features: Table 1 widths at 224 px 25.7 MB -> 1 pair; ``[16,32,64,128,128]`` at 96 px 1.18 MB
+      -> 7 (the same);
+    - :class:`~scripts.networks.FullResolutionUNet`: ``(2·f0 + f1)·H·W`` floats, ``up_full``'s concatenation of
+      the skip, the residual stream and the upsampled ``u_1``, twice the U-Net's at ``f1 = 2·f0``: the default
+      ``[32,64,128,256]`` at 64 px 2.10 MB -> 4 (8); configs/vessel/frunet.yaml's ``[16,32,64,128]`` at 96 px
+      2.36 MB -> 3 (7), at its 48 px patches 0.59 MB -> 8 (8);
+    - :class:`~scripts.networks.DiffusionRefiner`: its backbone's (the solver's maps have 1 or 2 channels);
+    - MONAI's ``FlexibleUNet``, whose first encoder output is at H/2, at 224 px: configs/network/flexible_unet.yaml
+      (resnet10, decoder ``[64,32,16,16,8]``) 3.61 MB -> 2 (1: its 64-channel stem overstated it);
+      efficientnet-b0 with MONAI's default decoder 6.42 MB -> 1 (5, a quarter of the measured figure).
+
+    Without ``pair_bytes`` (a caller that has no network, as ``benchmarks/mc_inference.py``), it is estimated as
+    ``2·f0·H·W`` from ``features``: right for DropoutUNet only.
+
+    Why 8 MiB and 8 pairs, measured with ``benchmarks/mc_pass.py`` (one thread): the Table 1 U-Net at 224 px is
+    fastest at 1 pair (larger blocks are mapped afresh by glibc on every allocation), and narrow networks at 8
+    (features 16..128 at 96 px: 0.084 s/image at 7-8 pairs, 0.106 at 28, 0.140 at 64; features 8..64 at 64 px:
+    0.020 at 8, 0.022 at 32, 0.030 at 1).
 
     With full forward passes, ``features`` is the batch of images ``(B, C, H, W)``: nothing tells a network's
     activation size before it runs, so a chunk is the batch itself on a CPU (B pairs: one training batch's
@@ -184,8 +260,9 @@ def auto_chunk_size(features: torch.Tensor, split: bool = True) -> int:
         return batch if features.device.type == "cpu" else max(batch, 64)
     if features.device.type != "cpu":
         return 64
-    pair_bytes = 2 * features[0].numel() * features.element_size()
-    return max(1, min(8, (8 << 20) // pair_bytes))
+    if pair_bytes is None:
+        pair_bytes = 2 * features[0].numel() * features.element_size()
+    return max(1, min(8, (8 << 20) // max(1, pair_bytes)))
 
 
 def check_chunk_size(chunk_size) -> int | str:
@@ -231,7 +308,8 @@ def mc_foreground_samples(
         images: ``(B, C, H, W)`` on the network's device.
         num_samples: N >= 1, stochastic passes per image.
         chunk_size: at most this many (sample, image) pairs per network call, >= 1, or ``"auto"``
-            (:func:`auto_chunk_size`).
+            (:func:`auto_chunk_size`; on a CPU with a split, the first sample of the B images runs in one call, and
+            the decoder's largest tensor, measured there, sizes the chunks of the other samples).
 
     Returns:
         ``(N, B, H, W)`` float32 foreground probabilities (softmax over channels, channel 1); an ordinary tensor
@@ -256,9 +334,16 @@ def mc_foreground_samples(
             feats = encode(images)
         else:
             feats, run = [images], lambda chunk: net(chunk[0])
+        first, pair_bytes = 0, None
         if chunk_size == "auto":
-            chunk_size = auto_chunk_size(feats[0], split is not None)
-        for start in range(0, pairs, chunk_size):
+            if split is not None and images.device.type == "cpu" and pairs > b:
+                # the first sample of the B images in one call (a training batch, which fits), its largest
+                # activation measured: the other pairs go in chunks sized by that tensor's share of one pair
+                with _largest_activation(net) as largest:
+                    out[:b] = _foreground(run(feats), (b, 2, h, w))
+                first, pair_bytes = b, largest[0] // b
+            chunk_size = auto_chunk_size(feats[0], split is not None, pair_bytes)
+        for start in range(first, pairs, chunk_size):
             stop = min(start + chunk_size, pairs)
             # Pair i is image i % B: a gather of only this chunk's pairs, so memory stays bounded by chunk_size
             # (expanding all N·B copies first would materialise them).

@@ -99,22 +99,22 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def read_evaluation(folder: Path) -> dict:
+def read_evaluation(folder: Path, split: str = "test") -> dict:
     """
-    What ``evaluating`` wrote to ``folder`` (MONAI's ``MetricsSaver``), by the names of ``EVAL_METRICS``:
-    ``"metrics"``, the metric values of ``metrics.csv`` (``{"dice": 0.8, ...}``); ``"images"``, each image's values
-    from ``test_<metric>_raw.csv`` (``{filename: {"dice": 0.7, ...}}``); ``"summary"``, the row ``mean`` (the
-    mean over classes) of ``test_<metric>_summary.csv`` (``{"dice": {"mean": ..., "median": ..., ...}}``).
+    What ``evaluating`` of the datalist list ``split`` wrote to ``folder`` (MONAI's ``MetricsSaver``), by the names
+    of ``EVAL_METRICS``: ``"metrics"``, the metric values of ``metrics.csv`` (``{"dice": 0.8, ...}``); ``"images"``,
+    each image's values from ``<split>_<metric>_raw.csv`` (``{filename: {"dice": 0.7, ...}}``); ``"summary"``, the
+    row ``mean`` (the mean over classes) of ``<split>_<metric>_summary.csv`` (``{"dice": {"mean": ..., ...}}``).
     """
     folder = Path(folder)
     with open(folder / "metrics.csv", newline="") as f:
-        result = {"metrics": {name.removeprefix("test_"): float(value) for name, value in csv.reader(f)},
+        result = {"metrics": {name.removeprefix(f"{split}_"): float(value) for name, value in csv.reader(f)},
                   "images": {}, "summary": {}}
     for metric in EVAL_METRICS:
-        with open(folder / f"test_{metric}_raw.csv", newline="") as f:
+        with open(folder / f"{split}_{metric}_raw.csv", newline="") as f:
             for row in csv.DictReader(f):
                 result["images"].setdefault(row["filename"], {})[metric] = float(row["mean"])
-        with open(folder / f"test_{metric}_summary.csv", newline="") as f:
+        with open(folder / f"{split}_{metric}_summary.csv", newline="") as f:
             (row,) = [r for r in csv.DictReader(f) if r["class"] == "mean"]
             result["summary"][metric] = {op: float(v) for op, v in row.items() if op != "class"}
     return result

@@ -20,7 +20,8 @@ import torch
 from ignite.engine import Engine, Events
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.handlers import AtomicCheckpointSaver, DifficultyHistory  # noqa: E402
+from scripts.checkpoints import AtomicCheckpointSaver  # noqa: E402
+from scripts.difficulty import DifficultyHistory  # noqa: E402
 
 
 def die_half_way_through_torch_save() -> None:

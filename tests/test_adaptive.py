@@ -17,7 +17,7 @@ from conftest import BUNDLE_ROOT, TINY, TINY_OVERRIDES, TRAIN, parse, read_json,
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.difficulty import EpsilonTable
-from scripts.handlers import DifficultyPass
+from scripts.difficulty import DifficultyPass
 
 PASSES = ["--mc_start", "1", "--mc_interval", "1", "--mc_samples", "3"]
 

@@ -178,7 +178,7 @@ def test_uncertainty_report_writes_whole_files_or_none(tmp_path, monkeypatch):
     from ignite.engine import Engine
 
     from scripts.figures import colour_map
-    from scripts.handlers import UncertaintyReport
+    from scripts.reports import UncertaintyReport
 
     def item(name: str, seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)

@@ -17,9 +17,10 @@ from conftest import BUNDLE_ROOT, TINY_OVERRIDES, TRAIN, bundle_error, parse, re
 from ignite.engine import Engine
 from monai.transforms import Compose, RandFlipd
 
+from scripts.checkpoints import AtomicCheckpointSaver
 from scripts.errors import InputError
-from scripts.handlers import AtomicCheckpointSaver
-from scripts.resume import RandomStates, TrainerGradScaler, check_trained_model, seed_process
+from scripts.resume import (CosineSchedule, RandomStates, TrainerGradScaler, check_trained_model, check_window,
+                            seed_process)
 
 
 @pytest.mark.parametrize("what,name", [("model", "model.pt"), ("checkpoint", "checkpoint_final.pt"),
@@ -76,7 +77,7 @@ def test_resume_refuses_another_runs_checkpoint_and_a_fresh_run_keeps_it(demo, t
     assert (moved / "model.pt").read_bytes() == best and (moved / "checkpoint_final.pt").is_file()
     # model.pt is copied (a CheckpointLoader, e.g. MONAI Label's, may fine-tune from it), the rest moved
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "previous", "run.json"]
-    assert read_json(tmp_path / "models" / "run.json")["run_id"] == identity.run_id != moved.name.split("-")[0]
+    assert read_json(tmp_path / "models" / "run.json")["run_id"] == identity.run_id != moved.name.split("-")[1]
 
 
 def test_evaluation_and_inference_name_the_overrides_a_model_was_trained_with(trained, demo, tmp_path):
@@ -108,7 +109,7 @@ def test_a_resumed_best_model_saver_keeps_the_better_model(tmp_path):
     """The key-metric ranking travels in the resume checkpoint: a worse score after a resume keeps model.pt."""
     from ignite.engine import Engine, Events
 
-    from scripts.handlers import AtomicCheckpointSaver
+    from scripts.checkpoints import AtomicCheckpointSaver
 
     def validation(net, scores):
         engine = Engine(lambda e, b: None)
@@ -267,3 +268,49 @@ def test_resume_refuses_a_checkpoint_of_an_earlier_layout(demo, tmp_path):
                tmp_path / "checkpoint_epoch=1.pt")
     with pytest.raises(InputError, match=r"checkpoint .*checkpoint_epoch=1.pt was written by version 0.8 or earlier"):
         _identity(tmp_path, demo).resume_checkpoint()
+
+
+def test_a_resume_with_more_epochs_stretches_the_cosine_schedule_and_says_so(caplog):
+    def schedule(epochs: int) -> CosineSchedule:
+        return CosineSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), T_max=epochs)
+
+    first = schedule(2)
+    for _ in range(2):
+        first.optimizer.step()
+        first.step()
+    assert first.get_last_lr() == [pytest.approx(0.0, abs=1e-12)]  # the end of a 2-epoch cosine
+    # torch's own closed form over 4 steps: the same numbers
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))],
+                                                                           lr=0.1), T_max=4)
+    longer = schedule(4)
+    for _ in range(3):
+        reference.optimizer.step()
+        longer.optimizer.step()
+        reference.step()
+        longer.step()
+        assert longer.get_last_lr() == pytest.approx(reference._get_closed_form_lr(), abs=1e-12)
+    resumed = schedule(3)
+    with caplog.at_level("WARNING", logger="scripts.resume"):
+        resumed.load_state_dict(first.state_dict())
+    lr = 0.1 * (1 + np.cos(2 * np.pi / 3)) / 2  # epoch 3 of 3, where a 2-epoch schedule would train at lr 0
+    assert resumed.T_max == 3 and resumed.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    assert caplog.messages == ["resumed at epoch 2 of a run started with --epochs 2: the cosine learning-rate "
+                               "schedule is stretched to end at epoch 3, from lr 0.025 now."]
+
+
+def test_a_window_other_than_the_training_patches_is_named(tmp_path, caplog):
+    (tmp_path / "run.json").write_text('{"run_id": "r", "settings": {"patch_size": 48}}')
+    with caplog.at_level("WARNING", logger="scripts.resume"):
+        assert check_window(tmp_path / "model.pt", 48) and not caplog.messages
+        assert check_window(tmp_path / "model.pt", 256)
+    assert caplog.messages == [
+        f"{tmp_path / 'model.pt'} was trained on 48-px patches (recorded in {tmp_path / 'run.json'}) but --window_size "
+        "is 256: a network scores worse in windows other than its training patches' size (about 0.08 Dice on "
+        "CHASE_DB1); pass --window_size 48 unless you have measured otherwise."]
+    # a refined model records its backbone's patches as trained_window; a model without run.json: nothing to say
+    (tmp_path / "run.json").write_text('{"settings": {"patch_size": 256, "trained_window": 48}}')
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scripts.resume"):
+        assert check_window(tmp_path / "model.pt", 48, "--backbone_window")
+        assert check_window(tmp_path / "elsewhere" / "model.pt", 96)
+    assert not caplog.messages

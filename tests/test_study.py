@@ -55,7 +55,7 @@ def test_study_trains_orders_resumes_and_reports(demo, tmp_path):
     assert [r["method"] for r in rows] == ["dice", "adaptive", "fixed_mean", "best"]
     for r in rows[:3]:
         test = read_evaluation(out / "demo" / r["method"] / "seed0" / "test")
-        val = read_evaluation(out / "demo" / r["method"] / "seed0" / "validation")
+        val = read_evaluation(out / "demo" / r["method"] / "seed0" / "validation", split="validation")
         for metric in ("dice", "iou", "precision", "recall"):
             assert float(r[f"{metric}_mean"]) == pytest.approx(test["metrics"][metric], abs=1e-5)
         assert float(r["val_dice_mean"]) == pytest.approx(val["metrics"]["dice"], abs=1e-5)

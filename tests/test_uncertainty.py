@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from scripts.losses import PolyDiceLoss
-from scripts.networks import DropoutUNet
+from scripts.networks import DropoutUNet, FullResolutionUNet, mc_dropout
 from scripts.uncertainty import (
     binary_entropy,
     mc_foreground_samples,
@@ -18,6 +18,8 @@ from scripts.uncertainty import (
     uncertainty_maps,
 )
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 TINY = (4, 8, 8, 16, 16)
 
@@ -347,7 +349,8 @@ def test_mc_inferer_channels_against_the_deterministic_forward_and_the_maps():
 def test_auto_chunk_size_follows_the_width_of_the_network_and_the_image():
     from scripts.uncertainty import auto_chunk_size
 
-    # 2·f0·H·W float32 a pair against 8 MiB, at most 8: Table 1 U-Net at 224 px (25.7 MB a pair) -> 1
+    # without a measured figure, the estimate 2·f0·H·W float32 a pair against 8 MiB, at most 8: Table 1 U-Net at
+    # 224 px (25.7 MB a pair) -> 1
     assert auto_chunk_size(torch.empty(1, 64, 224, 224)) == 1
     assert auto_chunk_size(torch.empty(4, 16, 96, 96)) == (8 << 20) // (2 * 16 * 96 * 96 * 4) == 7
     assert auto_chunk_size(torch.empty(8, 8, 64, 64)) == 8  # capped
@@ -356,10 +359,55 @@ def test_auto_chunk_size_follows_the_width_of_the_network_and_the_image():
     assert auto_chunk_size(torch.empty(5, 3, 64, 64), split=False) == 5
     assert auto_chunk_size(torch.empty(5, 3, 64, 64, device="meta"), split=False) == 64
     assert auto_chunk_size(torch.empty(80, 3, 64, 64, device="meta"), split=False) == 80
-    # "auto" gives the same samples as the chunk it chooses (same draws: same decode batches)
-    net = DropoutUNet(3, 2, features=(4, 8, 8, 16, 16)).eval()
-    x = torch.rand(2, 3, 32, 32)
+    # a measured figure replaces the estimate on a CPU; the GPU and full-pass rules do not use it
+    assert auto_chunk_size(torch.empty(1, 32, 64, 64), pair_bytes=2 << 20) == 4
+    assert auto_chunk_size(torch.empty(1, 32, 64, 64), pair_bytes=100 << 20) == 1
+    assert auto_chunk_size(torch.empty(1, 32, 64, 64, device="meta"), pair_bytes=2 << 20) == 64
+    assert auto_chunk_size(torch.empty(5, 3, 64, 64), split=False, pair_bytes=1) == 5
+
+
+class _LargestOpOutput(TorchDispatchMode):
+    """The bytes of the largest tensor any aten op returns while active: every intermediate, functional ops
+    (torch.cat, interpolation, additions) included, independent of the module hooks the bundle measures with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("network, size, formula, old, new", [
+    # DropoutUNet: up4's concatenation of skip and upsampled features, 2·f0·H·W floats: the old estimate, exactly
+    (lambda: DropoutUNet(features=(16, 32, 64, 128, 128)), 96, lambda f, s: 2 * f[0] * s * s * 4, 7, 7),
+    # FullResolutionUNet: up_full reads skip, residual stream and upsampled u_1, (2·f0 + f1)·H·W floats = 2x
+    (lambda: FullResolutionUNet(features=(8, 16, 32, 64)), 128, lambda f, s: (2 * f[0] + f[1]) * s * s * 4, 8, 4),
+], ids=["DropoutUNet", "FullResolutionUNet"])
+def test_auto_chunk_follows_the_measured_largest_decoder_tensor(network, size, formula, old, new):
+    from scripts.uncertainty import auto_chunk_size, decoder_pair_bytes
+
     torch.manual_seed(0)
-    auto = mc_foreground_samples(net, x, 3, chunk_size="auto")
-    torch.manual_seed(0)
-    torch.testing.assert_close(auto, mc_foreground_samples(net, x, 3, chunk_size=8))
+    net = network()
+    x = torch.rand(1, 3, size, size)
+    # independently: the largest tensor of every aten op in a full decoder run on one pair
+    with mc_dropout(net), torch.inference_mode():
+        feats = net.encode(x)
+        with _LargestOpOutput() as largest:
+            net.decode(feats)
+    pair_bytes = decoder_pair_bytes(net, x)
+    assert pair_bytes == largest.bytes == formula(net.features, size)  # equal, not merely bounded
+    assert auto_chunk_size(feats[0]) == old  # the old rule, 2·f0·H·W floats a pair
+    assert auto_chunk_size(feats[0], pair_bytes=pair_bytes) == new == max(1, min(8, (8 << 20) // pair_bytes))
+    # "auto" runs the first pair alone, measuring, then chunks of `new` pairs; every pair is sampled once
+    calls, decode = [], net.decode
+    net.decode = lambda f: (calls.append(f[0].shape[0]), decode(f))[1]
+    torch.manual_seed(3)
+    auto = mc_foreground_samples(net, x, new + 2, chunk_size="auto")
+    assert calls == [1, new, 1]
+    del net.decode
+    assert auto.shape == (new + 2, 1, size, size) and len({round(float(a.sum()), 3) for a in auto}) == new + 2

@@ -67,8 +67,8 @@ def read_metrics(folder: Path) -> dict[str, float]:
         return {name.removeprefix("test_"): float(value) for name, value in csv.reader(f)}
 
 
-def read_raw(folder: Path, metric: str) -> dict[str, float]:
-    with open(folder / f"test_{metric}_raw.csv", newline="") as f:
+def read_raw(folder: Path, metric: str, split: str = "test") -> dict[str, float]:
+    with open(folder / f"{split}_{metric}_raw.csv", newline="") as f:
         return {Path(row["filename"]).name: float(row["class0"]) for row in csv.DictReader(f)}
 
 
@@ -279,7 +279,9 @@ def test_two_process_evaluation_writes_every_images_topology_row(chase_data, cha
             cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     images = ["Image_01L.jpg", "Image_02L.jpg"]
-    assert sorted(read_raw(tmp_path, "dice")) == images  # MONAI's metrics gather the two processes' images
+    # MONAI's metrics gather the two processes' images; the reports are named by the list scored
+    assert sorted(read_raw(tmp_path, "dice", split="training")) == images
+    assert not list(tmp_path.glob("test_*"))
     with open(tmp_path / "overlays" / "topology.csv", newline="") as f:
         assert sorted(Path(r["image"]).name for r in csv.DictReader(f)) == images
     assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png")) == [
@@ -330,8 +332,10 @@ def test_the_refiner_stage_trains_the_head_only_resumes_and_is_evaluated_by_over
                                                                           "checkpoint_final.pt"))
     assert final["trainer"]["iteration"] == 3 * second["trainer"]["iteration"] // 2 > 0  # resumed to epoch 3
     assert final["run_identity"]["run_id"] == record["run_id"]
-    # the schedule resumed with the run: cosine over the first command's 2 epochs, stepped at each epoch's end
-    assert final["lr_scheduler"]["last_epoch"] == 3 and final["lr_scheduler"]["T_max"] == 2
+    # the schedule resumed with the run, stepped at each epoch's end and stretched from the first command's 2 epochs
+    # to 3: epoch 3 trained at lr 1e-4 · (1 + cos(2π/3)) / 2, not at the 0 where a 2-epoch cosine ends
+    assert final["lr_scheduler"]["last_epoch"] == 3 and final["lr_scheduler"]["T_max"] == 3
+    assert not torch.equal(final["model"]["head.weight"], second["model"]["head.weight"])
     backbone = torch.load(refined_run / "backbone" / "model.pt", weights_only=True)
     assert all(torch.equal(final["model"][f"backbone.{k}"], v) for k, v in backbone.items())  # loaded, then frozen
     first = torch.load(refined_run / "epoch1.pt", weights_only=True)
