@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -38,6 +39,28 @@ def run(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Comple
     return proc
 
 
+def run_benchmark(script: str, argv: list[str], monkeypatch, capsys) -> str:
+    """
+    What ``python benchmarks/<script> <argv>`` prints, run in this process (a fresh interpreter's import of MONAI
+    costs several seconds, more than a toy run); it must end as a successful command does (``main`` returns None
+    or 0, or exits 0). torch's thread count is restored after.
+    """
+    spec = importlib.util.spec_from_file_location(Path(script).stem, BUNDLE_ROOT / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr("sys.argv", [script, *argv])
+    threads = torch.get_num_threads()
+    try:
+        status = module.main()
+    except SystemExit as e:
+        status = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert status in (None, 0), f"benchmarks/{script} exited {status}\n{out[-3000:]}"
+    return out
+
+
 def last_line(proc: subprocess.CompletedProcess) -> str:
     """The last non-empty line a user sees on the terminal (stderr, where errors and logs go)."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -70,9 +93,11 @@ def needs(path: Path):
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> Path:
-    """The synthetic demo set, prepared with the bundle's own command."""
+    """The synthetic demo set, prepared with the bundle's own command (in this process: its start-up is a test's)."""
+    from scripts.prepare_data import main
+
     out = tmp_path_factory.mktemp("demo")
-    run("-m", "scripts.prepare_data", "--demo", "--output", str(out), "--num-demo", "36")
+    assert main(["--demo", "--output", str(out), "--num-demo", "36"]) == 0
     return out
 
 

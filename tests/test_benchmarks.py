@@ -5,13 +5,11 @@ figures. (``large_frame.py``, ``study.py`` and ``dti.py`` are run by test_infere
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 
 import pytest
-import torch
-from conftest import BUNDLE_ROOT, run
+from conftest import run_benchmark
 
 # the tests' tiny network at 32 px, on one thread: a few seconds each, most of it importing MONAI
 TOY = ["--image-size", "32", "--features", "4", "8", "8", "16", "16", "--threads", "1"]
@@ -27,9 +25,9 @@ def figure(pattern: str, text: str) -> float:
 
 
 @pytest.mark.parametrize("overlay", [[], ["--overlay", "configs/loss/dice.yaml"]], ids=["adaptive", "dice"])
-def test_train_throughput(demo, overlay):
-    out = run("benchmarks/train_throughput.py", "--dataset-dir", str(demo), *TOY, "--batch-size", "8",
-              "--num-workers", "0", "--rounds", "1", "--max-images", "16", *overlay).stdout
+def test_train_throughput(demo, overlay, monkeypatch, capsys):
+    out = run_benchmark("train_throughput.py", ["--dataset-dir", str(demo), *TOY, "--batch-size", "8", "--num-workers",
+                                                "0", "--rounds", "1", "--max-images", "16", *overlay], monkeypatch, capsys)
     assert f"loss {'DiceLoss' if overlay else 'AdaptivePolyDiceLoss'} |" in out
     for side in ("bundle", "plain"):
         figure(rf"^{side}\s+\S+\s+(\S+)\s", out)  # images/s
@@ -44,10 +42,11 @@ def test_train_throughput(demo, overlay):
         figure(r"one pass every 10 epochs: (\S+)x", out)
 
 
-def test_mc_pass():
+def test_mc_pass(monkeypatch, capsys):
     # the bundle's network (a split) and a MONAI overlay (batched full passes), side by side
-    out = run("benchmarks/mc_pass.py", "--networks", "bundle", "basic_unet", "--image-size", "32", "--threads", "1",
-              "--images", "2", "--batch-size", "2", "--samples", "2", "--repeats", "1").stdout
+    out = run_benchmark("mc_pass.py", ["--networks", "bundle", "basic_unet", "--image-size", "32", "--threads", "1",
+                                       "--images", "2", "--batch-size", "2", "--samples", "2", "--repeats", "1"],
+                        monkeypatch, capsys)
     for kind in ("sampler", "batched full passes", "sequential passes", "training epoch"):
         figure(rf"^  {kind}\s+(\S+) s/image", out)
     figure(r"batched full passes / split (\S+)x", out)
@@ -56,15 +55,16 @@ def test_mc_pass():
         figure(rf"^\| {network} \|.*?\| (\S+)x \|$", out)  # adaptive training's cost at tau = 10
 
 
-def test_mc_inference():
-    out = run("benchmarks/mc_inference.py", *TOY, "--images", "2", "--samples", "2", "--repeats", "1").stdout
+def test_mc_inference(monkeypatch, capsys):
+    out = run_benchmark("mc_inference.py", [*TOY, "--images", "2", "--samples", "2", "--repeats", "1"], monkeypatch,
+                        capsys)
     figure(r"^\| plain \(1 forward\) \| (\S+) \|", out)
     figure(r"^\| MC dropout \(N = 2, maps\) \| (\S+) \|", out)
     figure(r"^MC / plain latency: (\S+)x", out)
 
 
-def test_diffusion():
-    out = run("benchmarks/diffusion.py", "--quick", "--threads", "1").stdout
+def test_diffusion(monkeypatch, capsys):
+    out = run_benchmark("diffusion.py", ["--quick", "--threads", "1"], monkeypatch, capsys)
     for row in ("∂u/∂x and ∂u/∂y", "ReLU(∇·(D∇u)), one evaluation"):
         figure(rf"^\| {re.escape(row)}\s+\|\s+(\S+) \|", out)
         figure(rf"^\| {re.escape(row)}\s+\|\s+\S+ \|\s+\S+ \|\s+(\S+) \|", out)
@@ -77,18 +77,7 @@ def test_diffusion():
 
 
 def test_auc(monkeypatch, capsys):
-    # in this process, not a subprocess: the run itself takes a fraction of a second, a fresh interpreter's import
-    # of MONAI several seconds
-    spec = importlib.util.spec_from_file_location("auc_benchmark", BUNDLE_ROOT / "benchmarks" / "auc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr("sys.argv", ["auc.py", "--quick"])
-    threads = torch.get_num_threads()
-    try:
-        module.main()  # exits 1 if the two AUCs differ
-    finally:
-        torch.set_num_threads(threads)  # main sets it for the benchmark
-    out = capsys.readouterr().out
+    out = run_benchmark("auc.py", ["--quick"], monkeypatch, capsys)  # exits 1 if the two AUCs differ
     for kind in ("float32", "8-bit"):
         figure(rf"^\| \S+ \| {kind} \| [\d,]+ \| [\d,]+ \| (\S+) \|", out)  # the AUC
         figure(rf"^{kind}\s+map, median per image: MONAI (\S+) s", out)

@@ -114,9 +114,13 @@ def test_prepare_data_cli_reports_errors_with_exit_code_2(tmp_path):
                str(tmp_path / "masks"), "--output", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and "a.png is 11×20" in proc.stderr
     assert not (tmp_path / "out" / "datalist.json").exists()
-    proc = run("-m", "scripts.prepare_data", "--root", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"),
-               check=False)
-    assert proc.returncode == 2 and "none of the known layouts" in proc.stderr
+
+
+def test_prepare_data_names_a_root_of_no_known_layout(tmp_path, caplog):
+    from scripts.prepare_data import main
+
+    assert main(["--root", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
+    assert "none of the known layouts" in caplog.records[-1].getMessage()
 
 
 def test_official_cvc_layout_with_a_space_in_its_folder_name(tmp_path):
@@ -124,8 +128,10 @@ def test_official_cvc_layout_with_a_space_in_its_folder_name(tmp_path):
     _pair(root, "1")
     (root / "images").rename(root / "Original")
     (root / "masks").rename(root / "Ground Truth")
-    run("-m", "scripts.prepare_data", "--root", str(root), "--output", str(tmp_path / "out"), "--test-fraction", "0",
-        "--val-fraction", "0")
+    from scripts.prepare_data import main
+
+    assert main(["--root", str(root), "--output", str(tmp_path / "out"), "--test-fraction", "0",
+                 "--val-fraction", "0"]) == 0
     assert len(read_json(tmp_path / "out" / "datalist.json")["training"]) == 1
 
 
@@ -153,8 +159,10 @@ def test_prepare_data_on_kvasir_with_the_pranet_split(tmp_path):
             (tmp_path / "Kvasir-SEG" / sub / name).symlink_to(KVASIR / sub / name)
     split = tmp_path / "test.txt"
     split.write_text("\n".join(test_names) + "\n")
-    run("-m", "scripts.prepare_data", "--root", str(tmp_path / "Kvasir-SEG"), "--output", str(tmp_path / "out"),
-        "--split-file", str(split), "--seed", "1")
+    from scripts.prepare_data import main
+
+    assert main(["--root", str(tmp_path / "Kvasir-SEG"), "--output", str(tmp_path / "out"), "--split-file", str(split),
+                 "--seed", "1"]) == 0
     datalist = read_json(tmp_path / "out" / "datalist.json")
     assert sorted(p["image"].rsplit("/", 1)[1] for p in datalist["test"]) == sorted(test_names)
     assert len(datalist["training"]) + len(datalist["validation"]) == 17 and len(datalist["validation"]) == 2
@@ -394,15 +402,18 @@ def test_prepare_data_refuses_an_unwritable_output(tmp_path):
         f"{tmp_path / 'locked'}): pass --output another folder.")
 
 
-def test_prepare_data_names_masks_without_an_image(tmp_path):
+def test_prepare_data_names_masks_without_an_image(tmp_path, caplog):
+    from scripts.prepare_data import main
+
     _pair(tmp_path, "a")
     _pair(tmp_path, "b")
     (tmp_path / "images" / "b.png").unlink()
     assert unpaired_masks(tmp_path / "images", tmp_path / "masks") == [tmp_path / "masks" / "b.png"]
-    proc = run("-m", "scripts.prepare_data", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
-               "--output", str(tmp_path / "out"), "--test-fraction", "0", "--val-fraction", "0")
-    assert "1 masks without an image (left out)" in proc.stderr
+    with caplog.at_level("INFO", logger="prepare_data"):
+        assert main(["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--output",
+                     str(tmp_path / "out"), "--test-fraction", "0", "--val-fraction", "0"]) == 0
+    assert "1 masks without an image (left out)" in caplog.text
     assert (f"warning: mask {tmp_path / 'masks' / 'b.png'} has no image of the same stem in {tmp_path / 'images'} "
-            "(left out)") in proc.stderr
+            "(left out)") in caplog.messages
     summary = read_json(tmp_path / "out" / "datalist.json")["summary"]
     assert summary["masks_without_image"] == [str(tmp_path / "masks" / "b.png")] and summary["pairs"] == 1

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import run
+from conftest import run_benchmark
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import AsDiscreted
@@ -208,10 +208,10 @@ def test_bad_input():
         DualThreshold()(torch.randn(2, 20, 30) * 5)  # logits
 
 
-def test_benchmark_toy_size():
-    """benchmarks/dti.py as a user runs it, at toy size: it exits 0, the three agree, the figures are positive,
-    and both vessel networks, as the configs build them, are timed."""
-    out = run("benchmarks/dti.py", "--quick").stdout
+def test_benchmark_toy_size(monkeypatch, capsys):
+    """benchmarks/dti.py at toy size: it exits 0, the three agree, the figures are positive, and both vessel
+    networks, as the configs build them, are timed."""
+    out = run_benchmark("dti.py", ["--quick"], monkeypatch, capsys)
     for row in ("exact DTI", "max-pool loop", "raster loop"):
         assert float(re.search(rf"^\| {row} .*?\|.*?\|\s+>?(\S+) \|", out, re.MULTILINE).group(1)) > 0, out
     assert float(re.search(r"^max-pool loop / exact: (\S+)x", out, re.MULTILINE).group(1)) > 0

@@ -13,6 +13,8 @@ import numpy as np
 from conftest import KVASIR, TRAIN, needs, read_json, run
 from PIL import Image
 
+from scripts.prepare_data import main as prepare_data
+
 pytestmark = needs(KVASIR)
 
 KINDS = ("erased", "shifted", "swapped")
@@ -100,8 +102,8 @@ def test_training_ranks_corrupted_labels_near_the_top(tmp_path, monkeypatch):
                                  min_area=0.05)
     data, out = tmp_path / "data", tmp_path / "run"
     # every pair for training: the audit ranks the training images, and without validation no epoch is spent on it
-    run("-m", "scripts.prepare_data", "--root", str(tmp_path / "frames"), "--output", str(data),
-        "--test-fraction", "0", "--val-fraction", "0")
+    assert prepare_data(["--root", str(tmp_path / "frames"), "--output", str(data), "--test-fraction", "0",
+                         "--val-fraction", "0"]) == 0
     # One intra-op thread: for a network this small torch's default of a thread per core was 3-5x slower on a
     # 2-core machine that other jobs share (about 1 s an epoch here with one thread).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -15,6 +15,8 @@ from conftest import (BUNDLE_ROOT, CVC, EVALUATE, KVASIR, TINY, TINY_OVERRIDES, 
 from monai.bundle import ConfigParser
 from PIL import Image
 
+from scripts.prepare_data import main as prepare_data
+
 pytestmark = needs(KVASIR)
 
 
@@ -29,7 +31,7 @@ def kvasir_slice(tmp_path_factory):
         if CVC.is_dir():
             for path in sorted((CVC / sub).iterdir()):
                 (root / "frames" / sub / f"cvc_{path.name}").symlink_to(path)
-    run("-m", "scripts.prepare_data", "--root", str(root / "frames"), "--output", str(root / "data"))
+    assert prepare_data(["--root", str(root / "frames"), "--output", str(root / "data")]) == 0
     return root
 
 
