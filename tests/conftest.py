@@ -39,6 +39,26 @@ def run(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Comple
     return proc
 
 
+def run_bundle(*args: str) -> None:
+    """
+    ``python -m monai.bundle <args>`` in this process, from the bundle root: the same commands and the same
+    command-line parsing (``fire``, as ``monai/bundle/__main__.py``), without a fresh interpreter's import of MONAI
+    and torch (about 7 s here). For the commands whose output a test reads from files; what a user sees on the
+    terminal is tested with :func:`run`.
+    """
+    import fire
+    from monai.bundle import scripts
+
+    commands = {name: getattr(scripts, name) for name in ("run", "ckpt_export", "onnx_export", "verify_metadata",
+                                                          "verify_net_in_out", "download_large_files")}
+    cwd = os.getcwd()
+    os.chdir(BUNDLE_ROOT)
+    try:
+        fire.Fire(commands, command=list(args))
+    finally:
+        os.chdir(cwd)
+
+
 def run_benchmark(script: str, argv: list[str], monkeypatch, capsys) -> str:
     """
     What ``python benchmarks/<script> <argv>`` prints, run in this process (a fresh interpreter's import of MONAI
@@ -114,9 +134,9 @@ def trained(demo, tmp_path_factory) -> Path:
 def torchscript(trained, tmp_path_factory) -> Path:
     """``trained``'s model exported by the Model Zoo's ``ckpt_export``, as ``model.ts``."""
     ts = tmp_path_factory.mktemp("torchscript") / "model.ts"
-    run("-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file",
-        str(trained / "models" / "model.pt"), "--meta_file", "configs/metadata.json", "--config_file",
-        "configs/inference.yaml", "--features", "[4,8,8,16,16]")
+    run_bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(trained / "models" / "model.pt"),
+               "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml", "--features",
+               "[4,8,8,16,16]")
     return ts
 
 

@@ -26,8 +26,9 @@ def figure(pattern: str, text: str) -> float:
 
 @pytest.mark.parametrize("overlay", [[], ["--overlay", "configs/loss/dice.yaml"]], ids=["adaptive", "dice"])
 def test_train_throughput(demo, overlay, monkeypatch, capsys):
-    out = run_benchmark("train_throughput.py", ["--dataset-dir", str(demo), *TOY, "--batch-size", "8", "--num-workers",
-                                                "0", "--rounds", "1", "--max-images", "16", *overlay], monkeypatch, capsys)
+    argv = ["--dataset-dir", str(demo), *TOY, "--batch-size", "8", "--num-workers", "0", "--rounds", "1",
+            "--max-images", "16", *overlay]
+    out = run_benchmark("train_throughput.py", argv, monkeypatch, capsys)
     assert f"loss {'DiceLoss' if overlay else 'AdaptivePolyDiceLoss'} |" in out
     for side in ("bundle", "plain"):
         figure(rf"^{side}\s+\S+\s+(\S+)\s", out)  # images/s

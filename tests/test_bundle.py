@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 from conftest import (BUNDLE_ROOT, EVAL_METRICS, EVALUATE, SHARED_DATA, TINY, TINY_OVERRIDES, TRAIN, parse,
-                      read_evaluation, read_json, run, trained_network)
+                      read_evaluation, read_json, run, run_bundle, trained_network)
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
@@ -88,9 +88,9 @@ def _frames(folder, demo):
 def test_inference_writes_a_mask_per_frame_at_its_original_size(demo, trained, tmp_path):
     frames = _frames(tmp_path / "in", demo)
     out = tmp_path / "out"
-    run("-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--input_dir", str(tmp_path / "in"),
-        "--output_dir", str(out), "--ckpt_dir", str(trained / "models"), "--image_size", "32",
-        "--features", "[4,8,8,16,16]", "--num_workers", "0")
+    run_bundle("run", "--config_file", "configs/inference.yaml", "--input_dir", str(tmp_path / "in"),
+               "--output_dir", str(out), "--ckpt_dir", str(trained / "models"), "--image_size", "32",
+               "--features", "[4,8,8,16,16]", "--num_workers", "0")
     for frame in frames:
         mask = Image.open(out / f"{frame.stem}_mask.png")
         height, width = tifffile.imread(frame).shape[:2] if frame.suffix == ".tif" else Image.open(frame).size[::-1]
@@ -115,9 +115,9 @@ def test_mc_inference_writes_maps_nifti_and_a_csv_row_per_frame(demo, trained, t
 
     frames = _frames(tmp_path / "in", demo)
     out = tmp_path / "out"
-    run("-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--input_dir", str(tmp_path / "in"),
-        "--output_dir", str(out), "--ckpt_dir", str(trained / "models"), "--image_size", "32",
-        "--features", "[4,8,8,16,16]", "--num_workers", "0", "--mc_samples", "4")
+    run_bundle("run", "--config_file", "configs/inference.yaml", "--input_dir", str(tmp_path / "in"),
+               "--output_dir", str(out), "--ckpt_dir", str(trained / "models"), "--image_size", "32",
+               "--features", "[4,8,8,16,16]", "--num_workers", "0", "--mc_samples", "4")
     rows = {Path(r["image"]).name: r for r in csv.DictReader(open(out / "uncertainty.csv"))}
     assert sorted(rows) == sorted(f.name for f in frames)
     for frame in frames:
@@ -243,12 +243,12 @@ def test_run_id_run_and_no_validation_data_still_saves_the_model(demo, tmp_path)
 def test_metadata_verifies_and_torchscript_export_matches(trained, torchscript):
     schema = SHARED_DATA.parent / "schemas" / "meta_schema_20240725.json"
     if schema.is_file():
-        run("-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
-            "--filepath", str(schema))
+        run_bundle("verify_metadata", "--meta_file", "configs/metadata.json",
+                   "--filepath", str(schema))
     assert (BUNDLE_ROOT / "metadata.json").is_symlink()
     assert (BUNDLE_ROOT / "metadata.json").resolve() == (BUNDLE_ROOT / "configs" / "metadata.json").resolve()
-    run("-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-        "--config_file", "configs/inference.yaml", "--features", "[4,8,8,16,16]")
+    run_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+               "--config_file", "configs/inference.yaml", "--features", "[4,8,8,16,16]")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(torchscript)).eval()(x), trained_network(trained)(x))
@@ -259,8 +259,8 @@ def test_multi_gpu_evaluate_config_matches_single_process_evaluation(demo, train
     import sys
 
     common = ["--dataset_dir", str(demo), "--ckpt_dir", str(trained / "models"), *TINY]
-    run("-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE, "--output_dir", str(tmp_path / "one"),
-        *common)
+    run_bundle("run", "evaluating", "--config_file", EVALUATE, "--output_dir", str(tmp_path / "one"),
+               *common)
     files = "['configs/train.yaml','configs/evaluate.yaml','configs/multi_gpu_evaluate.yaml']"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29525", "-m",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BUNDLE_ROOT, bundle_error, last_line, run, trained_network
+from conftest import BUNDLE_ROOT, bundle_error, last_line, run, run_bundle, trained_network
 from monai.data import MetaTensor
 from PIL import Image
 
@@ -105,8 +105,8 @@ def test_masks_equal_the_hand_reference(mixed_run, balanced):
 def test_a_non_square_network_input(demo, balanced, tmp_path):
     frames = _good_frames(tmp_path / "in", demo)
     out = tmp_path / "out"
-    run(*INFER, "--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--ckpt_dir", str(balanced / "models"),
-        "--image_size", "[32,48]", *TINY_NET)
+    run_bundle(*INFER[2:], "--input_dir", str(tmp_path / "in"), "--output_dir", str(out), "--ckpt_dir",
+               str(balanced / "models"), "--image_size", "[32,48]", *TINY_NET)
     _check_masks(out, frames, trained_network(balanced), [32, 48])
 
 

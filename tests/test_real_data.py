@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import torch
 from conftest import (BUNDLE_ROOT, CVC, EVALUATE, KVASIR, TINY, TINY_OVERRIDES, TRAIN, bundle_error, needs,
-                      read_evaluation, read_json, run)
+                      read_evaluation, read_json, run, run_bundle)
 from monai.bundle import ConfigParser
 from PIL import Image
 
@@ -80,16 +80,16 @@ def test_train_evaluate_and_infer_on_real_frames(kvasir_slice, trained):
     assert len(set(eps)) == n_train and 0.0 <= min(eps) < max(eps) <= 0.5  # each real frame its own eps
     assert (out / "eval" / "figures" / "epsilon_distribution.png").is_file()
     assert torch.load(out / "models" / "checkpoint_final.pt", weights_only=True)["epsilon_table"]["num_passes"] == 2
-    run("-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE, *common)
+    run_bundle("run", "evaluating", "--config_file", EVALUATE, *common)
     evaluation = read_evaluation(out / "eval")
     test_list = read_json(data / "datalist.json")["test"]
     assert sorted(evaluation["images"]) == sorted(os.path.normpath(data / d["image"]) for d in test_list)
     assert 0.0 <= evaluation["metrics"]["dice"] <= 1.0
 
     frames = kvasir_slice / "frames" / "images"
-    run("-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml", "--input_dir", str(frames),
-        "--output_dir", str(out / "masks"), "--ckpt_dir", str(out / "models"), "--image_size", "32",
-        "--features", "[4,8,8,16,16]", "--num_workers", "0")
+    run_bundle("run", "--config_file", "configs/inference.yaml", "--input_dir", str(frames),
+               "--output_dir", str(out / "masks"), "--ckpt_dir", str(out / "models"), "--image_size", "32",
+               "--features", "[4,8,8,16,16]", "--num_workers", "0")
     written = sorted(p.name for p in (out / "masks").iterdir())
     assert written == sorted(f"{p.stem}_mask.png" for p in frames.iterdir())
     for frame in list(frames.iterdir())[:5]:

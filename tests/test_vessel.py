@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import skimage.measure
 import torch
-from conftest import BUNDLE_ROOT, CHASE, bundle_error, needs, parse, read_json, run
+from conftest import BUNDLE_ROOT, CHASE, bundle_error, needs, parse, read_json, run, run_bundle
 from monai.data import list_data_collate
 from PIL import Image
 from scipy import ndimage
@@ -122,17 +122,17 @@ def _chase_run(chase_data: Path, out: Path) -> None:
     (out / "balanced").mkdir()
     torch.save(state, out / "balanced" / "model.pt")
     (out / "balanced" / "run.json").write_bytes((out / "models" / "run.json").read_bytes())
-    run("-m", "monai.bundle", "run", "evaluating", "--config_file", config_files(EVALUATE), "--dataset_dir",
-        str(chase_data), "--ckpt_dir", str(out / "balanced"), "--output_dir", str(out / "report"), *TINY_NET)
+    run_bundle("run", "evaluating", "--config_file", config_files(EVALUATE), "--dataset_dir",
+               str(chase_data), "--ckpt_dir", str(out / "balanced"), "--output_dir", str(out / "report"), *TINY_NET)
     # inference with 2 MC samples in 48-px windows (the defaults) on a 320 × 288 crop of the test photograph
     # and its ground truth, for the picture of where the mask breaks
     (out / "photos").mkdir()
     (out / "truths").mkdir()
     Image.open(CHASE / "Image_11L.jpg").crop((340, 330, 660, 618)).save(out / "photos" / "crop.png")
     Image.open(CHASE / "Image_11L_1stHO.png").crop((340, 330, 660, 618)).save(out / "truths" / "crop_1stHO.png")
-    run("-m", "monai.bundle", "run", "--config_file", config_files(INFER), "--input_dir", str(out / "photos"),
-        "--output_dir", str(out / "infer"), "--ckpt_dir", str(out / "balanced"), "--mc_samples", "2", *TINY_NET,
-        "--label_dir", str(out / "truths"))
+    run_bundle("run", "--config_file", config_files(INFER), "--input_dir", str(out / "photos"),
+               "--output_dir", str(out / "infer"), "--ckpt_dir", str(out / "balanced"), "--mc_samples", "2",
+               *TINY_NET, "--label_dir", str(out / "truths"))
 
 
 @needs(CHASE)
@@ -314,9 +314,9 @@ def refined_run(chase_data, chase_run, tmp_path_factory) -> Path:
                 "configs/vessel/train_refiner.yaml"]), *common, "--epochs", epochs, "--resume", resume)
             if resume == "False":  # kept aside: the resumed run's last two checkpoints replace it
                 (out / "epoch1.pt").write_bytes((out / "models" / "checkpoint_epoch=1.pt").read_bytes())
-        run("-m", "monai.bundle", "run", "evaluating", "--config_file", config_files(EVALUATE + REFINER),
-            "--dataset_dir", str(chase_data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "report"),
-            *TINY_NET, "--diffusion_steps", "3", "--backbone_window", "96")
+        run_bundle("run", "evaluating", "--config_file", config_files(EVALUATE + REFINER), "--dataset_dir",
+                   str(chase_data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "report"), *TINY_NET,
+                   "--diffusion_steps", "3", "--backbone_window", "96")
     return out
 
 
@@ -435,7 +435,7 @@ def _drive_run(tmp_path: Path) -> None:
         "--mc_samples", "2")
     table = torch.load(tmp_path / "m" / "checkpoint_final.pt", weights_only=True)["epsilon_table"]
     assert sorted(Path(name).name for name, _ in table["values"]) == [f"{i}_manual1.gif" for i in (21, 22, 23, 24)]
-    run("-m", "monai.bundle", "run", "evaluating", "--config_file",
-        config_files(EVALUATE + frunet + ["configs/vessel/dti.yaml"]), *common, "--output_dir", str(tmp_path / "r"))
+    run_bundle("run", "evaluating", "--config_file", config_files(EVALUATE + frunet + ["configs/vessel/dti.yaml"]),
+               *common, "--output_dir", str(tmp_path / "r"))
     assert list(read_raw(tmp_path / "r", "cldice")) == ["01_test.tif", "02_test.tif"]
     assert list(read_metrics(tmp_path / "r")) == list(VESSEL_METRICS)
