@@ -98,7 +98,8 @@ def set_aside(folder: str | os.PathLike, patterns: Sequence[str], label: str, ke
     matching the glob ``patterns`` (files or folders) go, whole, to ``folder/previous/<label>-<date>-<time>/``; those
     named in ``copy`` are copied instead (they stay usable where they are). Then only the newest ``keep`` folders of
     ``previous/`` are kept (``keep`` = 0 keeps none). Each step is one log line naming what moved or was removed,
-    so that nothing disappears unseen. Returns the new folder, or None when nothing matched.
+    so that nothing disappears unseen. Returns the new folder (already removed again when ``keep`` is 0), or None
+    when nothing matched.
     """
     keep = check_int(keep, "--keep_previous")
     folder = Path(folder)
@@ -126,4 +127,4 @@ def set_aside(folder: str | os.PathLike, patterns: Sequence[str], label: str, ke
     if removed:
         logger.warning(f"removed {len(removed)} older folder(s) of {folder / PREVIOUS} to keep the newest {keep} "
                        f"(--keep_previous): {', '.join(p.name for p in removed)}.")
-    return target if target.exists() else None
+    return target

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
 import os
 import pickle
 import random
@@ -181,17 +181,16 @@ class RunIdentity:
                       indent=2)
 
     def _set_aside_previous_run(self) -> None:
-        if not any((self.ckpt_dir / n).is_file() for n in RUN_FILES) and not any(self.ckpt_dir.glob(CHECKPOINTS)):
-            return
         try:
             previous = json.loads((self.ckpt_dir / RUN_FILE).read_text()).get("run_id", "unknown")
         except (OSError, ValueError):
             previous = "unknown"
         # model.pt is copied, not moved: a CheckpointLoader may start this run from it (MONAI Label's training
         # inserts one); this run replaces it at its first validation
-        set_aside(self.ckpt_dir, [*RUN_FILES, CHECKPOINTS], f"run {previous}", self.keep_previous, copy=["model.pt"])
-        logger.warning(f"this run starts from scratch (model.pt stays until this run's first validation replaces "
-                       f"it); pass --resume True to continue run {previous} instead.")
+        if set_aside(self.ckpt_dir, [*RUN_FILES, CHECKPOINTS], f"run {previous}", self.keep_previous,
+                     copy=["model.pt"]) is not None:
+            logger.warning(f"this run starts from scratch (model.pt stays until this run's first validation replaces "
+                           f"it); pass --resume True to continue run {previous} instead.")
 
     def resume_checkpoint(self) -> str:
         """
