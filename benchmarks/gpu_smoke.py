@@ -7,7 +7,8 @@ The bundle on a GPU, end to end, as a user runs it: one line per check, ``ok``/`
    states, trainer and the largest weight difference; bit-identical on a CPU, close on a GPU, whose bilinear
    upsampling has no deterministic backward pass);
 3. the released ``model.pt`` and checkpoint loaded, without ``map_location``, by a process that sees no GPU;
-4. evaluation, and MC-dropout inference (``--mc_samples 4``) on the test frames;
+4. evaluation, and MC-dropout inference (``--mc_samples 4``) on the test frames, then on the same frames as an H.264
+   video (frames.csv and the overlay video decoded back);
 5. ``ckpt_export`` and ``onnx_export``, and the exported files run on the CPU against ``model.pt``;
 6. each network overlay (``configs/network/``, CPU-sized) trained for 2 epochs with a pass each, then MC inference;
 7. ``configs/multi_gpu_train.yaml`` under torchrun on every visible GPU (NCCL), then resumed for one more epoch.
@@ -155,6 +156,33 @@ class Smoke:
             raise RuntimeError(f"{masks} masks and {maps} MI maps for {len(test)} frames")
         return f"{masks} masks with probability, variance, entropy and MI maps"
 
+    def video_inference(self) -> str:
+        import av
+        import numpy as np
+        from PIL import Image
+
+        frames = sorted((self.work / "frames").iterdir())  # mc_inference's, all of the demo's one size
+        (self.work / "video").mkdir(exist_ok=True)
+        video = self.work / "video" / "clip.mp4"
+        with av.open(str(video), "w") as container:
+            stream = container.add_stream("libx264", rate=25)
+            stream.width, stream.height = Image.open(frames[0]).size
+            stream.pix_fmt = "yuv420p"
+            for frame in frames:
+                rgb = np.asarray(Image.open(frame).convert("RGB"))
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            container.mux(stream.encode())
+        out = self.work / "video_inferred"
+        self.bundle("run", "--config_file", "configs/inference.yaml", "--input", str(video), "--output_dir", str(out),
+                    "--ckpt_dir", str(self.work / "straight"), "--device", self.device, *NET, "--mc_samples", "4",
+                    log="video_inference")
+        rows = (out / "clip" / "frames.csv").read_text().splitlines()[1:]
+        with av.open(str(out / "clip" / "overlay.mp4")) as container:
+            decoded = sum(1 for _ in container.decode(video=0))
+        if len(rows) != len(frames) or decoded != len(frames):
+            raise RuntimeError(f"{len(rows)} rows of frames.csv and {decoded} overlay frames for {len(frames)} frames")
+        return f"{len(rows)} frames of an H.264 clip: frames.csv with MI and the overlay video"
+
     def export(self) -> str:
         for verb, name in (("ckpt_export", "model.ts"), ("onnx_export", "model.onnx")):
             self.bundle(verb, "network_def", "--filepath", str(self.work / name), "--ckpt_file",
@@ -222,7 +250,8 @@ def main() -> None:
         began = time.perf_counter()
         smoke.check("environment", smoke.environment)
         if not smoke.failed:
-            for name in ("train", "kill_and_resume", "evaluate", "mc_inference", "export", "networks", "multi_gpu"):
+            for name in ("train", "kill_and_resume", "evaluate", "mc_inference", "video_inference", "export",
+                         "networks", "multi_gpu"):
                 smoke.check(name.replace("_", " "), getattr(smoke, name))
         print(f"{'FAILED: ' + ', '.join(smoke.failed) if smoke.failed else 'all checks passed'} "
               f"in {time.perf_counter() - began:.0f} s", flush=True)

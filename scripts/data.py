@@ -25,6 +25,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from scripts.errors import InputError, check_int
 from scripts.files import atomic_write
+from scripts.video import VIDEO_SUFFIXES, VideoDecoder, VideoFrame
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -47,6 +48,8 @@ __all__ = [
     "split_pairs",
     "write_datalist",
     "spatial_size",
+    "natural_key",
+    "TEXT_KEYS",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".ppm")  # .gif: DRIVE; .ppm: STARE
@@ -56,6 +59,9 @@ LABEL_INDEX_MAX = 127  # a lossless mask whose maximum is at most this holds lab
 # the datalist keys that name a mask of the image, read, checked and binarised alike, and what a message calls them:
 # the ground truth, a field of view (fundus sets: where metrics are counted) and a second observer's annotation
 MASK_KEYS = {"label": "mask", "fov": "field-of-view mask", "label_2nd": "second observer's mask"}
+# datalist keys that hold names, not files: written and loaded as plain strings, never joined to the datalist's
+# folder (a clip named like a folder beside the datalist stays a name). ``clip``: the video clip a frame belongs to
+TEXT_KEYS = ("clip",)
 FOV_LEVEL = 15  # field_of_view: the brightest channel (0-255) above which a fundus pixel is inside the field of view
 # EXIF orientations that swap width and height (transpose, 90° and 270° rotations)
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
@@ -77,6 +83,8 @@ class PILTiffReader(PILReader):
       palette images) is read as the grey levels a viewer shows, not as palette indices, which depend on the
       writer: a 0/255 mask stored with white as index 0 would otherwise come out inverted. Coloured palettes
       keep their indices (label-index masks drawn with a colour per class).
+    - A frame decoded from a video (:class:`scripts.video.VideoFrame`, which ``LoadImaged(expanduser=False)``
+      passes on as it is) is read as an image of its pixels, named as the frame.
     - A file that is missing, truncated, corrupt or not an image ends in an
       :class:`~scripts.errors.InputError` that names it and says why. ``LoadImage`` catches every exception of
       a given reader's ``read`` and goes on to try its default readers, ending in a misleading "cannot find a
@@ -114,7 +122,9 @@ class PILTiffReader(PILReader):
 
     def _open(self, name, **kwargs) -> Image.Image | _Unreadable:
         try:
-            if str(name).lower().endswith(TIFF_SUFFIXES):
+            if isinstance(name, VideoFrame):  # decoded already, by the frame stream (LoadImaged expanduser=False)
+                image = name.to_image()
+            elif str(name).lower().endswith(TIFF_SUFFIXES):
                 image = self._read_tiff(name)
             else:
                 image = Image.open(name, **{**self.kwargs, **kwargs})
@@ -367,6 +377,15 @@ def _source(x) -> str:
     return "<in memory>" if name is None else name
 
 
+def natural_key(path: str | os.PathLike) -> list:
+    """
+    The sort key of a frame's file name in natural order: digit runs compare as numbers, so ``2.jpg`` comes before
+    ``10.jpg`` (and ``case1_2`` before ``case1_10``); the rest compares case-insensitively.
+    """
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+            for part in re.split(r"(\d+)", Path(path).name) if part]
+
+
 def list_images(folder: str | Path, what: str = "images", hint: str = "") -> list[Path]:
     """
     The image files (``IMAGE_SUFFIXES``, any case) directly in ``folder``, sorted. An :class:`InputError` naming
@@ -404,72 +423,168 @@ def _names(failures: list[tuple[Path, str]]) -> str:
 
 class FrameList:
     """
-    The frames of an inference run: the image files (``IMAGE_SUFFIXES``) directly in ``folder``, sorted, less
-    those that cannot be read. :meth:`scan` reads every file once with the bundle's reader as ``LoadImaged``
-    does (``read`` and ``get_data``), so "readable" means exactly "inference can load it"; each one that fails
-    is named in a warning as it is found and left out, and :meth:`check_all_written`, run after the evaluator,
-    ends the run with an :class:`InputError` naming them.
+    The inputs of an inference run, checked before any work: the still images (``IMAGE_SUFFIXES``), video files
+    (``scripts.video.VIDEO_SUFFIXES``) and frame folders (sub-folders holding images, e.g. SUN-SEG's
+    ``Frame/<clip>/``) directly in ``folder``, or the one file or frame folder ``path``, in natural order
+    (:func:`natural_key`: ``2.jpg`` before ``10.jpg``). :meth:`scan` reads every still image and every frame of a
+    frame folder once with the bundle's reader as ``LoadImaged`` does (``read`` and ``get_data``), so "readable"
+    means exactly "inference can load it", and opens every video and decodes its first frame. What fails is named
+    in a warning as it is found and left out: a still image or a folder's frame that cannot be read, a folder whose
+    frames differ in size (an overlay video has one size), a video that cannot be opened, holds no video stream or
+    no frame. :meth:`check_all_written`, run after the evaluator, ends the run with an :class:`InputError` naming
+    them, and the videos whose decoding lost packets on the way (``damaged``, filled by
+    :class:`scripts.video.VideoReport`).
 
     Why a check up front rather than a dataset that records its failures: the loader runs in worker processes
     (``num_workers``), whose records would have to travel back to the main process, and an item that fails
-    cannot simply vanish from a batch (a batch of one would be empty); a list of readable frames keeps MONAI's
-    ``Dataset``, ``DataLoader`` and evaluator as they are. The price is one extra decode per frame, measured at
+    cannot simply vanish from a batch (a batch of one would be empty); a list of readable inputs keeps MONAI's
+    ``DataLoader`` and evaluator as they are. The price is one extra decode per still frame, measured at
     1.5 ms for a 530×465 JPEG and 0.46 s for a 6000×6000 one (one core), against 0.1-1 s of inference per frame
-    on a CPU; the check holds one decoded frame at a time, less memory than inference needs for it.
+    on a CPU; a video costs one frame here, whatever its length.
 
     Args:
-        folder: the folder of frames (``--input_dir``).
+        folder: the folder of inputs (``--input_dir``).
         reader: the image reader of ``LoadImaged``; default ``PILTiffReader(mode="RGB")``.
+        path: one image, video file or frame folder (``--input``) instead of ``folder``'s contents.
+        output_dir: the run's output folder: left out when it lies in ``folder`` (an earlier run's masks are not
+            a frame folder).
     """
 
-    def __init__(self, folder: str | os.PathLike, reader=None) -> None:
+    def __init__(self, folder: str | os.PathLike, reader=None, path: str | os.PathLike | None = None,
+                 output_dir: str | os.PathLike | None = None) -> None:
         self.folder = Path(folder)
+        self.path = None if path is None else Path(path)
+        self.output_dir = None if output_dir is None else Path(output_dir).resolve()
         self.reader = reader if reader is not None else PILTiffReader(mode="RGB")
-        self.files: list[Path] | None = None  # every image file of the folder
-        self.readable: list[Path] = []
-        self.unreadable: list[tuple[Path, str]] = []  # (file, why)
+        self.files: list[Path] | None = None  # every input found
+        self.inputs: list[dict] = []
+        self.unreadable: list[tuple[Path, str]] = []  # (input or frame, why) left out
+        self.damaged: list[tuple[Path, str]] = []  # (video, what was lost) written in part
         self._scanned = False
 
+    @property
+    def root(self) -> str:
+        """The folder the outputs' names are relative to (``SaveImaged``'s ``data_root_dir``)."""
+        return str((self.path.parent if self.path is not None else self.folder).resolve())
+
+    @staticmethod
+    def _kind(path: Path) -> str | None:
+        if path.is_dir():
+            return "frames" if any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.iterdir() if f.is_file()) \
+                else None
+        suffix = path.suffix.lower()
+        return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
+
     def list_files(self) -> list[Path]:
-        """The image files of the folder; an :class:`InputError` when the folder is missing or holds none."""
+        """The inputs; an :class:`InputError` when the folder (or ``path``) is missing or holds none."""
         if self.files is None:
-            self.files = list_images(self.folder, "input_dir", hint="pass --input_dir the folder that holds the frames")
+            if self.path is not None:
+                if not self.path.exists():
+                    raise InputError(f"input {self.path} does not exist.")
+                if self._kind(self.path) is None:
+                    raise InputError(f"input {self.path} is not an image ({', '.join(IMAGE_SUFFIXES)}), a video "
+                                     f"({', '.join(VIDEO_SUFFIXES)}) or a folder of frames.")
+                self.files = [self.path]
+            else:
+                hint = ": pass --input_dir the folder that holds the frames, videos or frame folders"
+                if not self.folder.is_dir():
+                    state = "is a file, not a folder" if self.folder.exists() else "does not exist"
+                    raise InputError(f"input_dir {self.folder} {state}{hint}.")
+                self.files = sorted((p for p in self.folder.iterdir() if not p.name.startswith(".")
+                                     and p.resolve() != self.output_dir and self._kind(p) is not None),
+                                    key=natural_key)
+                if not self.files:
+                    raise InputError(f"input_dir {self.folder} holds no image file ({', '.join(IMAGE_SUFFIXES)}), "
+                                     f"video file ({', '.join(VIDEO_SUFFIXES)}) or folder of frames{hint}.")
+            self._check_names()
         return self.files
 
-    def scan(self) -> list[dict[str, str]]:
+    def _check_names(self) -> None:
+        """Videos and frame folders write into ``output_dir/<stem>/``: two of one stem would mix their outputs."""
+        seen: dict[str, Path] = {}
+        for path in self.files:
+            if path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES:
+                name = path.name if path.is_dir() else path.stem
+                if name in seen:
+                    raise InputError(f"{seen[name]} and {path} would both write their outputs to <output_dir>/"
+                                     f"{name}/; rename one of them.")
+                seen[name] = path
+
+    def _readable(self, path: Path) -> tuple[int, ...] | None:
+        """The frame's (W, H) when the reader can load it, else None after a warning and a record."""
+        try:
+            array, _ = self.reader.get_data(self.reader.read(str(path)))  # what LoadImage does: decodes the file
+        except MemoryError:
+            raise
+        except Exception as e:  # Pillow and tifffile raise many types for corrupt files
+            why = _why_unreadable(path, e)
+            self.unreadable.append((path, why))
+            logger.warning(f"skipping frame {path}: {why}; the other frames are inferred")
+            return None
+        return tuple(array.shape[:2])
+
+    def _scan_folder(self, folder: Path) -> dict | None:
+        frames, sizes = [], {}
+        for path in sorted((f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES),
+                           key=natural_key):
+            size = self._readable(path)
+            if size is not None:
+                frames.append(path)
+                sizes.setdefault(size, path)
+        if len(sizes) > 1:
+            (first, a), (other, b) = list(sizes.items())[:2]
+            why = (f"its frames differ in size: {b.name} is {other[0]}x{other[1]}, {a.name} {first[0]}x{first[1]} "
+                   "(one clip, one size: an overlay video has one)")
+            self.unreadable.append((folder, why))
+            logger.warning(f"skipping frame folder {folder}: {why}; the other inputs are inferred")
+            return None
+        return {"kind": "frames", "source": str(folder), "frames": [str(p) for p in frames]} if frames else None
+
+    def _scan_video(self, path: Path) -> dict | None:
+        try:
+            VideoDecoder(path).probe()
+        except InputError as e:
+            why = str(e).rstrip(".")
+            self.unreadable.append((path, why))
+            logger.warning(f"skipping video: {why}; the other inputs are inferred")
+            return None
+        return {"kind": "video", "source": str(path)}
+
+    def scan(self) -> list[dict]:
         """
-        Decode every frame once (the first call only) and return the readable ones as the dataset's items,
-        ``[{"image": path}, ...]``. An :class:`InputError` when none can be read.
+        Check every input once (the first call only) and return the readable ones as ``FrameStream``'s inputs:
+        ``{"kind": "image", "image": path}``, ``{"kind": "frames", "source": folder, "frames": [path, ...]}`` or
+        ``{"kind": "video", "source": path}``. An :class:`InputError` when none can be read.
         """
         if not self._scanned:
-            self.readable, self.unreadable = [], []
+            self.inputs, self.unreadable = [], []
             for path in self.list_files():
-                try:
-                    self.reader.get_data(self.reader.read(str(path)))  # what LoadImage does: decodes the file
-                except MemoryError:
-                    raise
-                except Exception as e:  # Pillow and tifffile raise many types for corrupt files
-                    why = _why_unreadable(path, e)
-                    self.unreadable.append((path, why))
-                    logger.warning(f"skipping frame {path}: {why}; the other frames are inferred")
+                kind = self._kind(path)
+                if kind == "image":
+                    entry = {"kind": "image", "image": str(path)} if self._readable(path) is not None else None
                 else:
-                    self.readable.append(path)
-            if not self.readable:
-                raise InputError(f"none of the {len(self.files)} image files in input_dir {self.folder} can be "
-                                 f"read: {_names(self.unreadable)}; replace them with readable frames.")
+                    entry = self._scan_folder(path) if kind == "frames" else self._scan_video(path)
+                if entry is not None:
+                    self.inputs.append(entry)
+            if not self.inputs:
+                what = "image files" if all(self._kind(p) == "image" for p in self.files) else "inputs"
+                raise InputError(f"none of the {len(self.files)} {what} in {self.path or self.folder} can be "
+                                 f"read: {_names(self.unreadable)}; replace them with readable ones.")
             self._scanned = True
-        return [{"image": str(p)} for p in self.readable]
+        return self.inputs
 
     def check_all_written(self, output_dir: str | os.PathLike | None = None) -> bool:
-        """After inference: an :class:`InputError` naming the frames that were skipped, if any; else True."""
-        if self.unreadable:
-            where = f" to {output_dir}" if output_dir is not None else ""
-            raise InputError(
-                f"inference wrote {len(self.readable)} of {len(self.files)} frames{where}; "
-                f"{len(self.unreadable)} could not be read: {_names(self.unreadable)}; fix or remove "
-                f"{'it' if len(self.unreadable) == 1 else 'them'} and run again."
-            )
-        return True
+        """After inference: an :class:`InputError` naming what was skipped or decoded in part, if any; else True."""
+        if not (self.unreadable or self.damaged):
+            return True
+        where = f" to {output_dir}" if output_dir is not None else ""
+        what = "frames" if all(self._kind(p) == "image" for p in self.files) else "inputs"
+        parts = [f"{len(failed)} {how}: {_names(failed)}"
+                 for failed, how in ((self.unreadable, "could not be read"), (self.damaged, "decoded in part"))
+                 if failed]
+        them = "it" if len(self.unreadable) + len(self.damaged) == 1 else "them"
+        raise InputError(f"inference wrote {len(self.inputs)} of {len(self.files)} {what}{where}; "
+                         f"{'; '.join(parts)}; fix or remove {them} and run again.")
 
 
 def _stem_index(folder: Path, what: str, name: str = "{id}", id_pattern: str = ".+") -> dict[str, Path]:
@@ -560,9 +675,12 @@ def check_pairs(pairs: Sequence[Mapping[str, Path]], progress: bool = True) -> d
     fields of view the summary adds how many were not exactly 0/1/255 and ``label_outside_fov``, the share of
     the masks' foreground pixels outside their field of view (strokes past the disc's edge; 0.11 % on
     CHASE_DB1 with :func:`field_of_view`).
+
+    Pairs with a ``clip`` (frames of one video) must have one frame size per clip, so that consecutive masks can
+    be compared: an :class:`InputError` names the clip and a frame of its least common size otherwise.
     """
     image_reader, mask_reader = PILTiffReader(mode="RGB"), PILTiffReader()
-    empty, not_binary, label_index, sizes = [], 0, 0, set()
+    empty, not_binary, label_index, sizes, clip_sizes = [], 0, 0, set(), {}
     fovs, fov_not_binary, outside, foreground = 0, 0, 0, 0
     iterator = pairs
     if progress:
@@ -595,6 +713,16 @@ def check_pairs(pairs: Sequence[Mapping[str, Path]], progress: bool = True) -> d
             outside += int((binary["label"] & ~binary["fov"]).sum())
             foreground += int(binary["label"].sum())
         sizes.add(image.shape[:2])
+        if "clip" in pair:
+            clip_sizes.setdefault(pair["clip"], {}).setdefault(image.shape[:2], []).append(pair["image"])
+    for clip, by_size in clip_sizes.items():
+        if len(by_size) > 1:
+            ranked = sorted(by_size.items(), key=lambda kv: len(kv[1]))  # (size, frames), the least common first
+            ((odd_w, odd_h), odd), ((w, h), usual) = ranked[0], ranked[-1]
+            raise InputError(f"the frames of clip {clip} differ in size: {odd[0]} is {odd_h}×{odd_w} (H×W) but "
+                             f"{len(usual)} of its {sum(map(len, by_size.values()))} frames are {h}×{w}, e.g. "
+                             f"{usual[0]}; a clip's consecutive frames are compared: resize or remove the odd "
+                             "frame(s).")
     summary = {"pairs": len(pairs), "empty_masks": empty, "masks_not_exactly_binary": not_binary,
                "label_index_masks": label_index, "distinct_sizes": len(sizes)}
     if fovs:
@@ -642,6 +770,7 @@ def load_datalist(
     second observer's ``label_2nd``) are checked as the ``label`` is, in the entries that name one. Pixel-level
     corruption (a truncated JPEG) shows when the file is loaded, as an ``InputError`` of the reader. An empty
     ``validation`` list is allowed (training without validation); an empty list under any other key is an error.
+    The keys of :data:`TEXT_KEYS` (``clip``) are names: kept as they are, and they must be non-empty strings.
     """
     if not isinstance(key, str) or not key:
         raise ValueError(f"key must be a non-empty string such as 'training', got {key!r}.")
@@ -679,8 +808,14 @@ def load_datalist(
                     f"'{lacking[0]}', where given, must name a file")
             raise InputError(f"entry {i} of '{key}' in datalist {path} has no '{lacking[0]}' path "
                              f"({json.dumps(entry)[:80]}); {rule}.")
+        for k in (k for k in TEXT_KEYS if k in entry and (not isinstance(entry[k], str) or not entry[k])):
+            raise InputError(f"entry {i} of '{key}' in datalist {path} has '{k}' {json.dumps(entry[k])}; it must be "
+                             f"a non-empty string, the name of the {k} (write it in quotes).")
         item = {}
         for k, v in entry.items():
+            if k in TEXT_KEYS:
+                item[k] = v
+                continue
             joined = os.path.abspath(os.path.join(base, v)) if isinstance(v, str) else v
             # image and masks are always files under base_dir; other strings only when they name one (MONAI's rule)
             item[k] = joined if k in files or (isinstance(v, str) and os.path.exists(joined)) else v
@@ -722,13 +857,15 @@ def split_pairs(
     train held out for validation, or, with ``test_names`` (file names or stems, e.g. PraNet's 100 Kvasir-SEG
     test images), exactly those as test and the seeded validation fraction from the rest.
 
-    ``groups`` (one per pair: the subject, e.g. the child of CHASE_DB1's left and right eye) makes the seeded
-    draws take whole groups, the fractions counting groups, so that no subject is on both sides of a split;
-    without it every pair is its own group.
+    ``groups`` (one per pair: the subject, e.g. the child of CHASE_DB1's left and right eye, or the video clip of a
+    frame) makes the seeded draws take whole groups, the fractions counting groups, so that no subject is on both
+    sides of a split; without it every pair is its own group. ``test_fraction`` 1 makes every pair a test pair (a
+    set kept for evaluation, e.g. SUN-SEG's test folders).
     """
-    for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}.")
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
     rng = np.random.default_rng(seed)
     pairs = list(pairs)
     groups = list(range(len(pairs))) if groups is None else list(groups)
@@ -762,13 +899,16 @@ def _draw(groups: Sequence[Hashable], fraction: float, rng: np.random.Generator)
 def write_datalist(splits: Mapping[str, Sequence[Mapping[str, Path]]], output_dir: str | Path, summary: dict) -> Path:
     """
     Write ``datalist.json``: every file of each pair (``image``, ``label`` and the other :data:`MASK_KEYS` it
-    has) as a path relative to ``output_dir`` (the bundle's ``dataset_dir``), and the summary; written to a
-    temporary name and renamed, so that a failure never leaves half a datalist.
+    has) as a path relative to ``output_dir`` (the bundle's ``dataset_dir``), its other keys (:data:`TEXT_KEYS`:
+    ``clip``) as they are, and the summary; written to a temporary name and renamed, so that a failure never leaves
+    half a datalist.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rel = lambda p: os.path.relpath(Path(p).resolve(), output_dir.resolve())  # noqa: E731
-    datalist = {k: [{key: rel(path) for key, path in p.items()} for p in v] for k, v in splits.items()}
+    files = ("image", *MASK_KEYS)
+    datalist = {k: [{key: rel(value) if key in files else value for key, value in p.items()} for p in v]
+                for k, v in splits.items()}
     datalist["summary"] = {**summary, **{f"num_{k}": len(v) for k, v in splits.items()}}
     path = output_dir / "datalist.json"
     with atomic_write(path) as f:

@@ -1,6 +1,8 @@
 # Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
 """
-The vessel metrics of docs/tubular.md §1 as MONAI metrics: per image, inside the field of view (FOV).
+The vessel metrics of docs/tubular.md §1 as MONAI metrics: per image, inside the field of view (FOV); and, at the
+end, the metrics of annotated colonoscopy clips (SUN-SEG's S-α and E-φ of a frame, the temporal stability of a
+clip), plain functions of numpy arrays that ``scripts.reports.ClipMetricsSaver`` applies.
 
 Inputs, as MONAI's ``DiceMetric`` takes them: ``y_pred`` and ``y`` batch-first (B, C, H, W) tensors or lists of
 channel-first (C, H, W) ones (2-D only), binary (0/1) one-hot masks (C = 2: background, foreground, as the bundle's
@@ -36,7 +38,8 @@ from scipy import ndimage
 from scripts.errors import InputError, check_choice, check_int
 
 __all__ = ["betti_numbers", "count_components", "topology_defects", "roc_auc", "FieldOfViewMetric", "ClDiceMetric",
-           "ComponentRatioMetric", "BettiErrorMetric", "FieldOfViewConfusionMatrixMetric", "FieldOfViewROCAUCMetric"]
+           "ComponentRatioMetric", "BettiErrorMetric", "FieldOfViewConfusionMatrixMetric", "FieldOfViewROCAUCMetric",
+           "structure_measure", "enhanced_alignment", "mask_iou", "temporal_stability"]
 
 REDUCTIONS = tuple(r.value for r in MetricReduction)
 EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity, as skimage's connectivity=2
@@ -359,3 +362,160 @@ class FieldOfViewConfusionMatrixMetric(ConfusionMatrixMetric):
         # (1, C, pixels inside) per image: the FOVs of a batch differ in size
         return torch.cat([get_confusion_matrix(p[:, m[0]][None], g[:, m[0]][None])
                           for p, g, m in zip(y_pred, y, inside)])
+
+
+# ---- metrics of annotated colonoscopy clips (SUN-SEG's protocol): one frame's map, and one clip's masks ----------
+
+EPS = np.spacing(1)  # PySODMetrics' eps, MATLAB's: the reference implementations add it to every denominator
+
+
+def _map_and_mask(pred, gt, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``pred`` as a float64 (H, W) map in [0, 1] and ``gt`` as a bool (H, W) mask, checked; tensors or arrays."""
+    pred = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred, dtype=np.float64)
+    gt = np.asarray(gt.detach().cpu() if isinstance(gt, torch.Tensor) else gt)
+    if pred.ndim != 2 or pred.shape != gt.shape:
+        raise ValueError(f"{name}: pred and gt must be 2-D (H, W) of the same shape, got {pred.shape} and {gt.shape}.")
+    if pred.size < 2 or not (pred.min() >= 0 and pred.max() <= 1):  # also catches NaN
+        raise ValueError(f"{name}: pred must be a foreground probability map in [0, 1] of at least 2 pixels, got "
+                         f"values in [{pred.min()}, {pred.max()}] over {pred.size} pixel(s).")
+    if gt.dtype != bool:
+        if not np.isin(gt, (0, 1)).all():
+            raise ValueError(f"{name}: gt must be a binary (0/1 or bool) mask, got other values.")
+        gt = gt.astype(bool)
+    return pred, gt
+
+
+def structure_measure(pred, gt, alpha: float = 0.5) -> float:
+    """
+    S-α, the structure measure of Fan et al., "Structure-measure: A new way to evaluate foreground maps", ICCV 2017,
+    computed as PySODMetrics' ``Smeasure`` (``cal_sm``, the implementation behind SUN-SEG's evaluation) computes it
+    for an already normalised map (its ``step(..., normalize=False)``).
+
+    ``pred``: the foreground probability, (H, W) in [0, 1]; ``gt``: the binary mask, (H, W). With ȳ the mean of gt:
+
+    - ȳ = 0: S = 1 − mean(pred); ȳ = 1: S = mean(pred);
+    - otherwise S = max(0, α S_o + (1 − α) S_r), where
+      S_o = ȳ O(pred[gt]) + (1 − ȳ) O((1 − pred)[~gt]), the object term, with O(x) = 2 x̄ / (x̄² + 1 + σ_x + eps)
+      (σ_x the standard deviation with ddof 1, 0 for one pixel), and
+      S_r = Σ_q w_q ssim_q, the region term: the images split in four at the gt's centroid (row and column means of
+      its pixels, rounded half to even, plus one: the split index of MATLAB's ``1:X``), w_q the quadrant's share of
+      the pixels and ssim_q = 4 x̄ ȳ σ_xy / ((x̄² + ȳ²)(σ_x² + σ_y²) + eps) over the quadrant (variances with
+      N − 1 + eps; 1 when numerator and denominator are 0, 0 when only the numerator is).
+
+    One departure: when the gt's centroid falls in its last row or column, a quadrant is empty, with weight 0; the
+    reference multiplies that weight by the NaN of an empty mean and returns NaN, here the quadrant adds 0.
+
+    Returns: S-α in [0, 1], a float. Raises ValueError for maps outside [0, 1], non-binary gt or other shapes.
+    """
+    pred, gt = _map_and_mask(pred, gt, "structure_measure")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"structure_measure: alpha must be in [0, 1], got {alpha}.")
+    y = gt.mean()
+    if y == 0:
+        return float(1 - pred.mean())
+    if y == 1:
+        return float(pred.mean())
+    return float(max(0.0, _object_score(pred, gt) * alpha + _region_score(pred, gt) * (1 - alpha)))
+
+
+def _object_similarity(x: np.ndarray) -> float:
+    mean = x.mean()
+    std = x.std(ddof=1) if x.size > 1 else 0.0
+    return 2 * mean / (mean**2 + 1 + std + EPS)
+
+
+def _object_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    y = gt.mean()
+    return _object_similarity(pred[gt]) * y + _object_similarity((1 - pred)[~gt]) * (1 - y)
+
+
+def _region_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    h, w = gt.shape
+    cy, cx = (int(c) + 1 for c in np.argwhere(gt).mean(axis=0).round())
+    w_lt, w_rt, w_lb = cx * cy / (h * w), cy * (w - cx) / (h * w), (h - cy) * cx / (h * w)
+    weights = (w_lt, w_rt, w_lb, 1 - w_lt - w_rt - w_lb)  # the reference's order of operations, to the last bit
+    quadrants = ((slice(0, cy), slice(0, cx)), (slice(0, cy), slice(cx, w)), (slice(cy, h), slice(0, cx)),
+                 (slice(cy, h), slice(cx, w)))
+    return sum(_ssim(pred[q], gt[q]) * wq if pred[q].size else 0.0 for q, wq in zip(quadrants, weights))
+
+
+def _ssim(pred: np.ndarray, gt: np.ndarray) -> float:
+    n = pred.size
+    x, y = pred.mean(), gt.mean()
+    sigma_x = np.sum((pred - x) ** 2) / (n - 1 + EPS)
+    sigma_y = np.sum((gt - y) ** 2) / (n - 1 + EPS)
+    sigma_xy = np.sum((pred - x) * (gt - y)) / (n - 1 + EPS)
+    num, den = 4 * x * y * sigma_xy, (x**2 + y**2) * (sigma_x + sigma_y)
+    if num != 0:
+        return num / (den + EPS)
+    return 1.0 if den == 0 else 0.0
+
+
+def enhanced_alignment(pred, gt, adaptive: bool = False) -> float:
+    """
+    E-φ, the enhanced-alignment measure of Fan et al., "Enhanced-alignment Measure for Binary Foreground Map
+    Evaluation", IJCAI 2018, computed as PySODMetrics' ``Emeasure`` computes it (for an already normalised map, its
+    ``step(..., normalize=False)``): by default the mean over its 256 thresholds, SUN-SEG's E^mn_φ; with
+    ``adaptive`` the adaptive E-φ, at the threshold min(2 mean(pred), 1).
+
+    ``pred``: the foreground probability, (H, W) in [0, 1]; ``gt``: the binary mask, (H, W); n = H W pixels.
+    For a binary map B (the pixels of pred ≥ t), with the means b̄ of B and ḡ of gt::
+
+        ξ = 2 (B − b̄)(gt − ḡ) / ((B − b̄)² + (gt − ḡ)² + eps),   φ = (1 + ξ)² / 4,   E = Σ φ / (n − 1 + eps)
+
+    summed over the pixels in the four cases (B, gt) ∈ {0, 1}², where ξ is constant. When gt is all zero Σ φ is the
+    number of pixels B leaves out, when gt is all one the number B takes in (as the reference). The mean E-φ uses the
+    reference's thresholds: pred quantised as ``uint8(255 pred)`` (truncated) and B = (q ≥ k) for k = 255, ..., 0.
+
+    Returns: E-φ, a float in [0, n / (n − 1)] (the reference divides by n − 1: a perfect map scores slightly over 1).
+    Raises ValueError for maps outside [0, 1], non-binary gt or other shapes.
+    """
+    pred, gt = _map_and_mask(pred, gt, "enhanced_alignment")
+    if adaptive:
+        taken = pred >= min(2 * pred.mean(), 1)
+        fg_fg = np.array([np.count_nonzero(taken & gt)])
+        fg_bg = np.array([np.count_nonzero(taken & ~gt)])
+    else:  # pixels at or above each threshold, from the histograms of the quantised map (highest threshold first)
+        levels = (pred * 255).astype(np.uint8)
+        bins = np.linspace(0, 256, 257)
+        fg_fg = np.cumsum(np.flip(np.histogram(levels[gt], bins=bins)[0]))
+        fg_bg = np.cumsum(np.flip(np.histogram(levels[~gt], bins=bins)[0]))
+    n, n_gt = gt.size, np.count_nonzero(gt)
+    taken = fg_fg + fg_bg
+    if n_gt == 0:
+        total = n - taken
+    elif n_gt == n:
+        total = taken
+    else:
+        # the four (B, gt) cases: their pixel counts and demeaned values, in the reference's order
+        counts = (fg_fg, fg_bg, n_gt - fg_fg, n - taken - (n_gt - fg_fg))
+        b, g = taken / n, n_gt / n
+        values = ((1 - b, 1 - g), (1 - b, -g), (-b, 1 - g), (-b, -g))
+        total = np.zeros(len(taken))
+        for count, (pb, pg) in zip(counts, values):
+            total = total + ((2 * pb * pg / (pb**2 + pg**2 + EPS) + 1) ** 2 / 4) * count
+    return float(np.mean(total / (n - 1 + EPS)))
+
+
+def mask_iou(a, b) -> float:
+    """|a ∩ b| / |a ∪ b| of two binary masks of one shape (arrays or tensors); 1 when both are empty."""
+    a, b = (np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=bool) for x in (a, b))
+    if a.shape != b.shape:
+        raise ValueError(f"mask_iou: the masks must have the same shape, got {a.shape} and {b.shape}.")
+    union = np.count_nonzero(a | b)
+    return np.count_nonzero(a & b) / union if union else 1.0
+
+
+def temporal_stability(masks) -> tuple[np.ndarray, int]:
+    """
+    The temporal stability of one clip's predicted masks, T binary (H, W) masks in frame order:
+
+    - the IoU of each pair of consecutive masks, :func:`mask_iou` (two empty masks count 1), shape (T − 1,);
+    - the number of presence flips: frames t ≥ 1 whose presence decision (mask non-empty) differs from frame t − 1's.
+
+    A stable segmentation of a polyp in view has consecutive IoU near 1 and no flips; flicker shows in both.
+    """
+    masks = [np.asarray(m.detach().cpu() if isinstance(m, torch.Tensor) else m, dtype=bool) for m in masks]
+    ious = np.array([mask_iou(a, b) for a, b in zip(masks[:-1], masks[1:])], dtype=np.float64)
+    present = np.array([m.any() for m in masks], dtype=bool)
+    return ious, int(np.count_nonzero(present[1:] != present[:-1]))

@@ -5,6 +5,8 @@ Build the bundle's ``datalist.json`` from a folder of images and a folder of mas
     python -m scripts.prepare_data --images DIR --masks DIR --output DIR [--split-file FILE] [--seed N]
     python -m scripts.prepare_data --root Kvasir-SEG --output DIR        # official layouts, found by name
     python -m scripts.prepare_data --root DRIVE --output DIR             # also CHASE_DB1, STARE, HRF: FOV masks
+    python -m scripts.prepare_data --root SUN-SEG/TestEasyDataset/Seen --output DIR --test-fraction 1   # clips
+    python -m scripts.prepare_data --images DIR --masks DIR --clip-table clips.csv --output DIR
     python -m scripts.prepare_data --demo --output DIR
 
 Images and masks are paired by file stem and every pair is read once, so that a corrupt file, a mask of the
@@ -17,18 +19,27 @@ split chosen for each is documented in docs/README.md) and a field of view per i
 the masks DRIVE and HRF ship, and for CHASE_DB1 and STARE, which ship none, masks derived from the image
 (``scripts.data.field_of_view``) and written to ``OUTPUT/fov``. STARE's gzip-compressed files (``im0001.ppm.gz``)
 are decompressed into ``OUTPUT/unpacked``; the data folder is only read.
+
+Frames of colonoscopy videos get the ``clip`` they come from in the datalist (evaluation then also scores each
+clip: ``scripts.reports.ClipMetricsSaver``): SUN-SEG's ``Frame/<clip>/*.jpg`` with ``GT/<clip>/*.png`` (``--root``
+the folder that holds both, e.g. ``TrainDataset`` or ``TestEasyDataset/Seen``), CVC-ClinicDB's published
+frame-to-sequence table for its ``Original/`` + ``Ground Truth/`` release, or, for any layout, ``--clip-table``: a
+CSV file with the columns ``frame`` (an image's file stem) and ``clip``. A clip's frames stay together on one side
+of the split and are listed in natural order (``2.jpg`` before ``10.jpg``), clip by clip.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import csv
 import gzip
 import logging
 import re
 import shutil
 import sys
 import zlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,6 +54,7 @@ from scripts.data import (
     check_pairs,
     field_of_view,
     find_pairs,
+    natural_key,
     split_pairs,
     unpaired_masks,
     write_datalist,
@@ -68,6 +80,14 @@ STARE_SPLIT = ("the bundle's: the first 10 labelled images by number (im0001-im0
 HRF_ID = r"\d{2}_(?:dr|g|h)"
 HRF_TRAIN_PER_CATEGORY = 5  # images 01-05 of each category train, 06-15 test: both sides hold the categories equally
 HRF_SPLIT = "the bundle's: images 01-05 of each category (dr, g, h) train, 06-15 test"
+# SUN-SEG (Ji et al., MIR 2022): Frame/<clip>/*.jpg and GT/<clip>/*.png, in TrainDataset/ and in each of the test
+# folders (TestEasyDataset/Seen, ...); frames and masks share their stems
+SUNSEG_FOLDERS = ("Frame", "GT")
+# CVC-ClinicDB as released: frames 1.tif ... 612.tif from 29 sequences; the first frame of each sequence, from the
+# table of the release's README (sequence 1: frames 1-25, ..., sequence 29: frames 592-612)
+CVC_CLINICDB_SEQUENCE_STARTS = (1, 26, 51, 68, 79, 104, 127, 152, 178, 200, 206, 228, 253, 278, 298, 318, 343, 364,
+                                384, 409, 429, 448, 467, 479, 504, 529, 547, 572, 592)
+CVC_CLINICDB_FRAMES = 612
 GZIP_SUFFIX = ".gz"
 FOV_RULE = (f"derived from the image (scripts.data.field_of_view): brightest channel > {FOV_LEVEL}, largest connected "
             "component, holes filled, no erosion")
@@ -77,10 +97,11 @@ FOV_RULE = (f"derived from the image (scripts.data.field_of_view): brightest cha
 class Layout:
     """
     A data set as found on disk: the :func:`find_pairs` arguments of each of its parts (DRIVE has two: training/
-    and test/), which images its split tests (None: no fixed split; the seeded fractions apply) and, for a set
-    with no official split, the rule the bundle chose (``split``; None: the release's own), the subject of each
-    image (kept on one side of a split), whether fields of view must be derived and whether its files may be
-    gzip-compressed (STARE: see :func:`unpack_gzipped`).
+    and test/; SUN-SEG one per clip), which images its split tests (None: no fixed split; the seeded fractions
+    apply) and, for a set with no official split, the rule the bundle chose (``split``; None: the release's own),
+    the subject of each image (kept on one side of a split), the video clip of each image (``clip``: the datalist's
+    ``clip``; the split keeps a clip on one side when ``group`` is None), whether fields of view must be derived
+    and whether its files may be gzip-compressed (STARE: see :func:`unpack_gzipped`).
     """
 
     name: str
@@ -90,10 +111,16 @@ class Layout:
     derive_fov: bool = False
     gzipped: bool = False
     split: str | None = None
+    clip: Callable[[Path], str] | None = None
 
 
 def find_layout(root: Path) -> Layout:
-    """The layout of a data set root laid out as an official release: DRIVE, CHASE_DB1, STARE, HRF or a polyp set."""
+    """
+    The layout of a data set root laid out as an official release: DRIVE, CHASE_DB1, STARE, HRF, SUN-SEG or a
+    polyp set (CVC-ClinicDB's frames numbered 1-612 in ``Original/`` get their sequences as clips).
+    """
+    if all((root / folder).is_dir() for folder in SUNSEG_FOLDERS):
+        return _sunseg_layout(root)
     if (root / "training" / "images").is_dir() and (root / "training" / "1st_manual").is_dir():
         return Layout("DRIVE", [_drive_part(root, part) for part in ("training", "test")],
                       is_test=lambda image: image.parent.parent.name == "test")
@@ -112,11 +139,93 @@ def find_layout(root: Path) -> Layout:
                       is_test=lambda image: int(image.stem[:2]) > HRF_TRAIN_PER_CATEGORY, split=HRF_SPLIT)
     for images, masks in KNOWN_LAYOUTS:
         if (root / images).is_dir() and (root / masks).is_dir():
-            return Layout(f"{images} + {masks}", [{"images_dir": root / images, "masks_dir": root / masks}])
+            part = {"images_dir": root / images, "masks_dir": root / masks}
+            if images.lower() == "original" and _numbered_1_to_612(root / images):
+                return Layout("CVC-ClinicDB", [part], clip=cvc_clinicdb_sequence)
+            return Layout(f"{images} + {masks}", [part])
     expected = " or ".join(f"'{i}' + '{m}'" for i, m in KNOWN_LAYOUTS[:2])
+    # SUN-SEG's release nests Frame/ + GT/ a level or two down (TrainDataset/, TestEasyDataset/Seen/, ...)
+    nested = sorted(str(p.parent) for p in (*root.glob("*/Frame"), *root.glob("*/*/Frame"))
+                    if (p.parent / "GT").is_dir())
+    hint = f"; SUN-SEG's Frame/ + GT/ are in {', '.join(nested[:4])}: pass one of them as --root" if nested else ""
     raise FileNotFoundError(f"{root} holds none of the known layouts ({expected}, DRIVE's training/ + test/, "
                             "CHASE_DB1's Image_NNx.jpg + Image_NNx_1stHO.png, STARE's labels-ah/, HRF's images/ + "
-                            "manual1/ + mask/); pass --images and --masks.")
+                            f"manual1/ + mask/, SUN-SEG's Frame/ + GT/){hint or '; pass --images and --masks'}.")
+
+
+def _sunseg_layout(root: Path) -> Layout:
+    """SUN-SEG: one part per clip, ``Frame/<clip>`` with ``GT/<clip>``, the clip the folder's name."""
+    frames, masks = (root / folder for folder in SUNSEG_FOLDERS)
+    clips = sorted((p for p in frames.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
+    if not clips:
+        raise InputError(f"SUN-SEG folder {frames} holds no clip folder; it must hold a folder of frames per clip "
+                         f"(Frame/<clip>/*.jpg, with the masks in GT/<clip>/*.png).")
+    for clip in clips:
+        if not (masks / clip.name).is_dir():
+            raise InputError(f"SUN-SEG clip {clip.name} has frames in {clip} but no mask folder {masks / clip.name}; "
+                             f"add the clip's masks (GT/{clip.name}/<frame stem>.png) or move its frames out.")
+    return Layout("SUN-SEG", [{"images_dir": clip, "masks_dir": masks / clip.name} for clip in clips],
+                  clip=lambda image: image.parent.name)
+
+
+def _numbered_1_to_612(folder: Path) -> bool:
+    """Whether every image of ``folder`` is named by a frame number of CVC-ClinicDB (1-612), as released."""
+    stems = [p.stem for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return bool(stems) and all(s.isascii() and s.isdigit() and 1 <= int(s) <= CVC_CLINICDB_FRAMES for s in stems)
+
+
+def cvc_clinicdb_sequence(image: Path) -> str:
+    """The sequence (clip) of CVC-ClinicDB frame ``image`` (``26.tif`` -> ``"2"``), from the release's table."""
+    return str(bisect.bisect_right(CVC_CLINICDB_SEQUENCE_STARTS, int(image.stem)))
+
+
+def read_clip_table(path: Path, images: Sequence[Path]) -> dict[str, str]:
+    """
+    The clip of each of ``images`` by its file stem, from the CSV file ``path`` (``--clip-table``): a header row
+    with the columns ``frame`` (an image's file stem, or its file name) and ``clip``, then one row per frame; other
+    columns are ignored. Every image needs a row and every row an image: an :class:`InputError` names the file and
+    the first rows or frames at fault otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--clip-table {path} {'is a folder' if path.is_dir() else 'does not exist'}; pass a CSV file "
+                         "with the columns frame,clip.")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"clip table {path} cannot be read as CSV ({type(e).__name__}: {e}); write it as UTF-8 "
+                         "text with the columns frame,clip.") from e
+    lacking = [c for c in ("frame", "clip") if c not in columns]
+    if lacking:
+        raise InputError(f"clip table {path} has no column {' or '.join(lacking)} (its header: "
+                         f"{', '.join(columns) or 'none'}); it needs the header row frame,clip and then one row per "
+                         "frame: its file stem and its clip.")
+    stems = {p.stem for p in images}
+    by_name = {p.name: p.stem for p in images}
+    table: dict[str, str] = {}
+    for line, row in enumerate(rows, 2):
+        frame, clip = row["frame"], row["clip"]
+        stem = frame if frame in stems else by_name.get(frame, frame)
+        if not frame or not clip:
+            raise InputError(f"row {line} of clip table {path} has no {'frame' if not frame else 'clip'}; every row "
+                             "needs a frame (its file stem) and its clip.")
+        if table.get(stem, clip) != clip:
+            raise InputError(f"clip table {path} puts frame {frame} in two clips, {table[stem]} and {clip} (row "
+                             f"{line}); a frame belongs to one clip.")
+        table[stem] = clip
+    unknown = [frame for frame in table if frame not in stems]
+    if unknown:
+        raise InputError(f"clip table {path} names {len(unknown)} frame(s) that are not among the images: "
+                         f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; remove their rows, or check "
+                         f"the frame column (file stems such as {min(stems, key=natural_key)}).")
+    missing = sorted((s for s in stems if s not in table), key=natural_key)
+    if missing:
+        raise InputError(f"{len(missing)} image(s) have no row in clip table {path}: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}; add a row frame,clip for each.")
+    return table
 
 
 def _stare_layout(root: Path) -> Layout:
@@ -218,7 +327,8 @@ def split_layout(layout: Layout, pairs: list[dict], seed: int = 0, test_fraction
     """
     :func:`~scripts.data.split_pairs` for ``layout``: the test images named in ``split_file``, else the layout's
     official test images, else a seeded ``test_fraction``; the seeded ``val_fraction`` of the rest validates,
-    drawn by subject where the layout knows them (CHASE_DB1: a child's two eyes stay together).
+    drawn by subject where the layout knows them (CHASE_DB1: a child's two eyes stay together), else by clip
+    (the frames of a video clip stay together).
     """
     test_names = None
     if split_file is not None:
@@ -227,7 +337,8 @@ def split_layout(layout: Layout, pairs: list[dict], seed: int = 0, test_fraction
         test_names = split_file.read_text().splitlines()
     elif layout.is_test is not None:
         test_names = [p["image"].name for p in pairs if layout.is_test(p["image"])]
-    groups = [layout.group(p["image"]) for p in pairs] if layout.group is not None else None
+    group = layout.group or layout.clip
+    groups = [group(p["image"]) for p in pairs] if group is not None else None
     return split_pairs(pairs, seed, test_fraction, val_fraction, test_names, groups)
 
 
@@ -295,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                                                         "test images of DRIVE, CHASE_DB1, STARE and HRF)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation(/test) split")
     parser.add_argument("--test-fraction", type=float, default=0.2,
-                        help="without --split-file or an official split (default 0.2)")
+                        help="without --split-file or an official split (default 0.2; 1: all for evaluation)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="of the non-test images (default 0.1)")
+    parser.add_argument("--clip-table", type=Path, help="CSV file with the columns frame,clip: each image's file "
+                                                        "stem and its video clip (replaces the layout's clips)")
     parser.add_argument("--num-demo", type=int, default=60, help="number of demo images (default 60)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -317,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         if layout.gzipped:
             layout, unpacked = unpack_gzipped(layout, args.output)
         pairs = [pair for part in layout.parts for pair in find_pairs(**part)]
+        if args.clip_table is not None:
+            table = read_clip_table(args.clip_table, [p["image"] for p in pairs])
+            layout = replace(layout, clip=lambda image: table[image.stem])
+        if layout.clip is not None:  # clip by clip, each in natural frame order: the order evaluation scores them in
+            for pair in pairs:
+                pair["clip"] = layout.clip(pair["image"])
+            pairs.sort(key=lambda p: (natural_key(p["clip"]), p["clip"], natural_key(p["image"].name)))
         no_image = [(mask, part["images_dir"]) for part in layout.parts for mask in unpaired_masks(**part)]
         if layout.derive_fov:
             write_fov_masks(pairs, args.output)
@@ -336,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
             summary["fov"] = FOV_RULE if layout.derive_fov else "shipped with the data set"
         if layout.split is not None and args.split_file is None:
             summary["split"] = layout.split
+        if layout.clip is not None:
+            summary["clips"] = len({p["clip"] for p in pairs})
+            summary["clips_from"] = (f"clip table {args.clip_table.resolve()}" if args.clip_table is not None else
+                                     f"{layout.name} as released")
         if unpacked:
             summary["unpacked"] = (f"{unpacked} gzip-compressed files of the data set decompressed into "
                                    f"{(args.output / 'unpacked').resolve()}, which the datalist names")
@@ -347,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{len(splits['test'])} test pairs; {summary['distinct_sizes']} distinct frame sizes; "
              f"{summary['masks_not_exactly_binary']} masks not exactly binary (binarised), "
              f"{summary['label_index_masks']} of them label-index masks (non-zero = foreground); "
-             f"{len(summary['empty_masks'])} empty masks; {len(no_image)} masks without an image (left out)")
+             f"{len(summary['empty_masks'])} empty masks; {len(no_image)} masks without an image (left out)"
+             + (f"; {summary['clips']} clips ({summary['clips_from']})" if "clips" in summary else ""))
     if unpacked:
         log.info(summary["unpacked"])
     if "fov" in summary:

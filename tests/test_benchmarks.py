@@ -85,3 +85,31 @@ def test_auc(monkeypatch, capsys):
         figure(rf"^{kind}\s+map, .* roc_auc (\S+) ms", out)
     figure(r"^ratio MONAI / roc_auc \(median over 2 image maps\): (\S+)x", out)
     assert re.search(r"^max abs difference: 0\.0e\+00$", out, re.MULTILINE), out  # the same bits
+
+
+def test_video(monkeypatch, capsys):
+    # a 6-frame video against its frames as PNGs in process, then a 1-second video in a subprocess, memory sampled
+    toy = ["--image-size", "32", "--features", "[4,8,8,16,16]", "--num-workers", "0", "--threads", "1"]
+    out = run_benchmark("video.py", [*toy, "--size", "64x48", "--frames", "6", "--long-seconds", "1",
+                                     "--long-size", "64x48", "--long-cycle", "5", "--long-image-size", "32",
+                                     "--long-features", "[4,8,8,16,16]", "--sample-interval", "0.05"],
+                        monkeypatch, capsys)
+    video = re.search(r"^\| network \[4,8,8,16,16\] \| video \(mp4\) \| 6 \| (\S+) \| (\S+) \| (\S+) \| (\S+) \| (\S+) "
+                      r"\| (\S+) \| (\S+) \|$", out, re.MULTILINE)
+    stills = re.search(r"^\| network \[4,8,8,16,16\] \| stills \(png\) \| 6 \| (\S+) \| (\S+) \| (\S+) "
+                       r"\| - \| - \| - \| - \|$", out, re.MULTILINE)
+    assert video and stills, out[-3000:]
+    for value in (*video.groups(), *stills.groups()):  # seconds, setup, frames/s; the ratio and the log line's rates
+        assert math.isfinite(float(value)) and float(value) > 0, (value, video.group(0), stills.group(0))
+    # the long run: 25 frames; the median / largest sample of the last tenth (main RSS, workers RSS (no workers: 0),
+    # main, workers and all anonymous PSS), the peaks and the growth
+    cells = r" \| ".join([r"(\S+) / (\S+)"] * 5)
+    last = re.search(rf"^\| 90-100% \| 23-25 \| \S+ \| {cells} \|$", out, re.MULTILINE)
+    assert last, out[-3000:]
+    main_rss, _, workers_rss, _, _, _, workers_anon, _, all_anon, _ = (float(v) for v in last.groups())
+    assert main_rss > 0 and all_anon > 0 and workers_rss == workers_anon == 0, last.group(0)
+    figure(r"^peak: main RSS (\S+) MB", out)
+    figure(r"all anon PSS (\S+) MB; \d+ samples", out)
+    figure(r"^command: .*; (\S+) frames/s while writing", out)
+    assert re.search(r"^a line through the tenths' medians .*: main RSS \S+ MB per 1000 frames", out, re.MULTILINE), \
+        out[-3000:]

@@ -45,26 +45,6 @@ def _reference_mask(net: torch.nn.Module, frame: Path, image_size) -> np.ndarray
 
 
 @pytest.fixture(scope="module")
-def balanced(demo, trained, tmp_path_factory) -> Path:
-    """
-    The session's trained model with the foreground logit shifted (``outc.bias[1]``) so that the median pixel of
-    the demo frame sits at probability 0.5: two epochs leave the tiny model calling nearly everything polyp, and
-    a mask comparison over constant masks could not fail. No training: one bias changed. ``<dir>/models/model.pt``.
-    """
-    root = tmp_path_factory.mktemp("balanced")
-    net = trained_network(trained)
-    frame = np.asarray(Image.open(demo / "images" / "demo_001.jpg").convert("RGB"))
-    x = F.interpolate(torch.from_numpy(frame.copy()).permute(2, 1, 0)[None].float(), size=(32, 32), mode="area")
-    with torch.no_grad():
-        logits = net(x / 255.0)
-    state = torch.load(trained / "models" / "model.pt", weights_only=True)
-    state["outc.bias"][1] -= float((logits[:, 1] - logits[:, 0]).median())
-    (root / "models").mkdir()
-    torch.save(state, root / "models" / "model.pt")
-    return root
-
-
-@pytest.fixture(scope="module")
 def mixed_run(demo, balanced, tmp_path_factory):
     """Plain inference on three good frames and one truncated JPEG, run once for the tests below."""
     root = tmp_path_factory.mktemp("mixed")
@@ -147,8 +127,8 @@ def test_frame_list_skips_and_names_every_unreadable_file(tmp_path, caplog):
     (tmp_path / "empty.bmp").write_bytes(b"")
     (tmp_path / "readme.txt").write_text("ignored: not an image suffix")
     frames = FrameList(tmp_path)
-    assert frames.scan() == [{"image": str(tmp_path / "good.jpg")}]
-    assert frames.scan() == [{"image": str(tmp_path / "good.jpg")}]  # scanned once
+    assert frames.scan() == [{"kind": "image", "image": str(tmp_path / "good.jpg")}]
+    assert frames.scan() == [{"kind": "image", "image": str(tmp_path / "good.jpg")}]  # scanned once
     assert {p.name: why for p, why in frames.unreadable} == {
         "cut.jpg": "truncated or corrupt JPEG", "text.png": "not a PNG image", "empty.bmp": "empty file"}
     assert sum("skipping frame" in r.getMessage() for r in caplog.records) == 3

@@ -247,6 +247,8 @@ class ReportingInferTask(BundleInferTask):
         for h in handlers:
             h.attach(engine)
         engine.run([data], max_epochs=1)
+        if not folder.is_dir():  # no handler reported on a still image (VideoReport reports on videos only)
+            return data
         rows = {}
         for table in sorted(folder.glob("*.csv")):
             with open(table) as f:
