@@ -25,7 +25,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from scripts.errors import InputError, check_int
 from scripts.files import atomic_write
-from scripts.video import VIDEO_SUFFIXES, VideoDecoder, VideoFrame
+from scripts.video import VIDEO_SUFFIXES, VideoDecoder, VideoFrame, output_name
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -386,18 +386,23 @@ def natural_key(path: str | os.PathLike) -> list:
             for part in re.split(r"(\d+)", Path(path).name) if part]
 
 
-def list_images(folder: str | Path, what: str = "images", hint: str = "") -> list[Path]:
-    """
-    The image files (``IMAGE_SUFFIXES``, any case) directly in ``folder``, sorted. An :class:`InputError` naming
-    ``what`` (the option that gave the folder) when it is missing, a file, or holds no image; ``hint`` says what
-    to do.
-    """
-    folder = Path(folder)
-    hint = f": {hint}" if hint else ""
+def _check_folder(folder: Path, what: str, hint: str) -> None:
+    """An :class:`InputError` naming ``what`` when ``folder`` is missing or a file; ``hint``: ": what to do"."""
     if not folder.is_dir():
         state = "is a file, not a folder" if folder.exists() else "does not exist"
         raise InputError(f"{what} {folder} {state}{hint}.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def list_images(folder: str | Path, what: str = "images", hint: str = "", key=None) -> list[Path]:
+    """
+    The image files (``IMAGE_SUFFIXES``, any case) directly in ``folder``, sorted (by ``key``; default: by path).
+    An :class:`InputError` naming ``what`` (the option that gave the folder) when it is missing, a file, or holds
+    no image; ``hint`` says what to do.
+    """
+    folder = Path(folder)
+    hint = f": {hint}" if hint else ""
+    _check_folder(folder, what, hint)
+    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=key)
     if not files:
         raise InputError(f"{what} {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)}){hint}.")
     return files
@@ -456,7 +461,7 @@ class FrameList:
         self.path = None if path is None else Path(path)
         self.output_dir = None if output_dir is None else Path(output_dir).resolve()
         self.reader = reader if reader is not None else PILTiffReader(mode="RGB")
-        self.files: list[Path] | None = None  # every input found
+        self.kinds: dict[Path, str] | None = None  # every input found, in natural order: image, frames or video
         self.inputs: list[dict] = []
         self.unreadable: list[tuple[Path, str]] = []  # (input or frame, why) left out
         self.damaged: list[tuple[Path, str]] = []  # (video, what was lost) written in part
@@ -475,36 +480,46 @@ class FrameList:
         suffix = path.suffix.lower()
         return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
 
+    @property
+    def files(self) -> list[Path] | None:
+        """Every input found (:meth:`list_files`), None before."""
+        return None if self.kinds is None else list(self.kinds)
+
     def list_files(self) -> list[Path]:
         """The inputs; an :class:`InputError` when the folder (or ``path``) is missing or holds none."""
-        if self.files is None:
+        if self.kinds is None:
             if self.path is not None:
                 if not self.path.exists():
                     raise InputError(f"input {self.path} does not exist.")
-                if self._kind(self.path) is None:
+                kind = self._kind(self.path)
+                if kind is None:
                     raise InputError(f"input {self.path} is not an image ({', '.join(IMAGE_SUFFIXES)}), a video "
                                      f"({', '.join(VIDEO_SUFFIXES)}) or a folder of frames.")
-                self.files = [self.path]
+                kinds = {self.path: kind}
             else:
                 hint = ": pass --input_dir the folder that holds the frames, videos or frame folders"
-                if not self.folder.is_dir():
-                    state = "is a file, not a folder" if self.folder.exists() else "does not exist"
-                    raise InputError(f"input_dir {self.folder} {state}{hint}.")
-                self.files = sorted((p for p in self.folder.iterdir() if not p.name.startswith(".")
-                                     and p.resolve() != self.output_dir and self._kind(p) is not None),
-                                    key=natural_key)
-                if not self.files:
+                _check_folder(self.folder, "input_dir", hint)
+                found = ((p, self._kind(p)) for p in self.folder.iterdir()
+                         if not p.name.startswith(".") and p.resolve() != self.output_dir)
+                kinds = {p: kind for p, kind in sorted(found, key=lambda pk: natural_key(pk[0])) if kind is not None}
+                if not kinds:
                     raise InputError(f"input_dir {self.folder} holds no image file ({', '.join(IMAGE_SUFFIXES)}), "
                                      f"video file ({', '.join(VIDEO_SUFFIXES)}) or folder of frames{hint}.")
-            self._check_names()
+            self._check_names(kinds)
+            self.kinds = kinds
         return self.files
 
-    def _check_names(self) -> None:
+    @property
+    def _stills_only(self) -> bool:
+        return all(kind == "image" for kind in self.kinds.values())
+
+    @staticmethod
+    def _check_names(kinds: Mapping[Path, str]) -> None:
         """Videos and frame folders write into ``output_dir/<stem>/``: two of one stem would mix their outputs."""
         seen: dict[str, Path] = {}
-        for path in self.files:
-            if path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES:
-                name = path.name if path.is_dir() else path.stem
+        for path, kind in kinds.items():
+            if kind != "image":
+                name = output_name(path, kind)
                 if name in seen:
                     raise InputError(f"{seen[name]} and {path} would both write their outputs to <output_dir>/"
                                      f"{name}/; rename one of them.")
@@ -525,8 +540,7 @@ class FrameList:
 
     def _scan_folder(self, folder: Path) -> dict | None:
         frames, sizes = [], {}
-        for path in sorted((f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES),
-                           key=natural_key):
+        for path in list_images(folder, "frame folder", key=natural_key):
             size = self._readable(path)
             if size is not None:
                 frames.append(path)
@@ -558,8 +572,8 @@ class FrameList:
         """
         if not self._scanned:
             self.inputs, self.unreadable = [], []
-            for path in self.list_files():
-                kind = self._kind(path)
+            self.list_files()
+            for path, kind in self.kinds.items():
                 if kind == "image":
                     entry = {"kind": "image", "image": str(path)} if self._readable(path) is not None else None
                 else:
@@ -567,8 +581,8 @@ class FrameList:
                 if entry is not None:
                     self.inputs.append(entry)
             if not self.inputs:
-                what = "image files" if all(self._kind(p) == "image" for p in self.files) else "inputs"
-                raise InputError(f"none of the {len(self.files)} {what} in {self.path or self.folder} can be "
+                what = "image files" if self._stills_only else "inputs"
+                raise InputError(f"none of the {len(self.kinds)} {what} in {self.path or self.folder} can be "
                                  f"read: {_names(self.unreadable)}; replace them with readable ones.")
             self._scanned = True
         return self.inputs
@@ -578,12 +592,12 @@ class FrameList:
         if not (self.unreadable or self.damaged):
             return True
         where = f" to {output_dir}" if output_dir is not None else ""
-        what = "frames" if all(self._kind(p) == "image" for p in self.files) else "inputs"
+        what = "frames" if self._stills_only else "inputs"
         parts = [f"{len(failed)} {how}: {_names(failed)}"
                  for failed, how in ((self.unreadable, "could not be read"), (self.damaged, "decoded in part"))
                  if failed]
         them = "it" if len(self.unreadable) + len(self.damaged) == 1 else "them"
-        raise InputError(f"inference wrote {len(self.inputs)} of {len(self.files)} {what}{where}; "
+        raise InputError(f"inference wrote {len(self.inputs)} of {len(self.kinds)} {what}{where}; "
                          f"{'; '.join(parts)}; fix or remove {them} and run again.")
 
 

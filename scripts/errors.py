@@ -32,6 +32,11 @@ def is_int(value, low: int = 0) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
 
 
+def is_number(value) -> bool:
+    """Whether ``value`` is a real number (an int or a float; a bool is not): the type check of every number."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_int(value, name: str, low: int = 0) -> int:
     """``value`` if it is an integer >= ``low``; otherwise an :class:`InputError` naming ``name``."""
     if not is_int(value, low):
@@ -41,7 +46,7 @@ def check_int(value, name: str, low: int = 0) -> int:
 
 def check_number(value, name: str, low: float = -float("inf"), high: float = float("inf")) -> float:
     """``value`` as a float if it is a real number in [``low``, ``high``]; otherwise an :class:`InputError`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+    if not is_number(value) or not low <= value <= high:
         raise InputError(f"{name} must be a number in [{low}, {high}], got {value!r} ({type(value).__name__}).")
     return float(value)
 

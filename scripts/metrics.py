@@ -32,7 +32,7 @@ import torch
 from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric, get_confusion_matrix
 from monai.metrics.confusion_matrix import check_confusion_matrix_metric_name
 from monai.metrics.utils import do_metric_reduction, ignore_background
-from monai.utils import MetricReduction, ensure_tuple
+from monai.utils import MetricReduction, convert_to_numpy, ensure_tuple
 from scipy import ndimage
 
 from scripts.errors import InputError, check_choice, check_int
@@ -371,8 +371,8 @@ EPS = np.spacing(1)  # PySODMetrics' eps, MATLAB's: the reference implementation
 
 def _map_and_mask(pred, gt, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``pred`` as a float64 (H, W) map in [0, 1] and ``gt`` as a bool (H, W) mask, checked; tensors or arrays."""
-    pred = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred, dtype=np.float64)
-    gt = np.asarray(gt.detach().cpu() if isinstance(gt, torch.Tensor) else gt)
+    pred = convert_to_numpy(pred, dtype=np.float64, wrap_sequence=True)
+    gt = convert_to_numpy(gt, wrap_sequence=True)
     if pred.ndim != 2 or pred.shape != gt.shape:
         raise ValueError(f"{name}: pred and gt must be 2-D (H, W) of the same shape, got {pred.shape} and {gt.shape}.")
     if pred.size < 2 or not (pred.min() >= 0 and pred.max() <= 1):  # also catches NaN
@@ -499,7 +499,7 @@ def enhanced_alignment(pred, gt, adaptive: bool = False) -> float:
 
 def mask_iou(a, b) -> float:
     """|a ∩ b| / |a ∪ b| of two binary masks of one shape (arrays or tensors); 1 when both are empty."""
-    a, b = (np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=bool) for x in (a, b))
+    a, b = (convert_to_numpy(x, dtype=bool, wrap_sequence=True) for x in (a, b))
     if a.shape != b.shape:
         raise ValueError(f"mask_iou: the masks must have the same shape, got {a.shape} and {b.shape}.")
     union = np.count_nonzero(a | b)
@@ -515,7 +515,7 @@ def temporal_stability(masks) -> tuple[np.ndarray, int]:
 
     A stable segmentation of a polyp in view has consecutive IoU near 1 and no flips; flicker shows in both.
     """
-    masks = [np.asarray(m.detach().cpu() if isinstance(m, torch.Tensor) else m, dtype=bool) for m in masks]
+    masks = [convert_to_numpy(m, dtype=bool, wrap_sequence=True) for m in masks]
     ious = np.array([mask_iou(a, b) for a, b in zip(masks[:-1], masks[1:])], dtype=np.float64)
     present = np.array([m.any() for m in masks], dtype=bool)
     return ious, int(np.count_nonzero(present[1:] != present[:-1]))

@@ -22,9 +22,9 @@ import ignite.distributed as idist
 import monai
 import nibabel as nib
 import numpy as np
-import torch
 from ignite.engine import Engine, Events
 from monai.handlers import MetricsSaver
+from monai.utils import convert_to_numpy
 from PIL import Image
 
 from scripts.errors import InputError, check_int
@@ -174,7 +174,7 @@ class ClipMetricsSaver:
     @staticmethod
     def _foreground(x) -> np.ndarray:
         """The last channel of a channel-first (C, W, H) map as a float (H, W) array."""
-        return x.detach().cpu().numpy()[-1].T if isinstance(x, torch.Tensor) else np.asarray(x)[-1].T
+        return convert_to_numpy(x, wrap_sequence=True)[-1].T
 
     def _record(self, engine: Engine) -> None:
         batch, output = engine.state.batch, engine.state.output
@@ -212,8 +212,8 @@ class ClipMetricsSaver:
             if name not in details:
                 raise InputError(f"ClipMetricsSaver needs the per-image values of metric {name} (column {column}): "
                                  "give its handler save_details: true, or leave the column out.")
-            values = np.asarray(details[name].detach().cpu() if isinstance(details[name], torch.Tensor)
-                                else details[name], dtype=np.float64).reshape(len(details[name]), -1)
+            values = convert_to_numpy(details[name], dtype=np.float64, wrap_sequence=True).reshape(
+                len(details[name]), -1)
             if len(values) != len(self._frames):
                 raise RuntimeError(f"metric {name} holds {len(values)} per-image values for {len(self._frames)} "
                                    "frames scored; the clip metrics pair them in scoring order.")
@@ -388,7 +388,7 @@ class TopologyOverlaySaver:
     @staticmethod
     def _plane(x) -> np.ndarray:
         """The foreground of a (W, H), (1, W, H) or one-hot (2, W, H) mask as (H, W) bool."""
-        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        a = convert_to_numpy(x, wrap_sequence=True)
         a = a[-1] if a.ndim == 3 else a
         return a.T > 0.5
 

@@ -9,9 +9,7 @@ arguments themselves (:mod:`scripts.errors`' ``check_*``).
 
 from __future__ import annotations
 
-import numbers
-
-from scripts.errors import InputError, is_int
+from scripts.errors import InputError, is_int, is_number
 
 __all__ = ["check_settings"]
 
@@ -22,7 +20,7 @@ def _int(low: int):
 
 def _float(low: float, high: float, high_open: bool = False):
     def ok(v):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        if not is_number(v):
             return False
         return low <= v < high if high_open else low <= v <= high
 

@@ -29,14 +29,19 @@ from monai.transforms import apply_transform
 from PIL import Image
 from scipy import ndimage
 
-from scripts.errors import InputError
+from scripts.errors import InputError, is_number
 from scripts.files import atomic_path
 
-__all__ = ["VIDEO_SUFFIXES", "VideoFrame", "VideoDecoder", "VideoEncoder", "FrameStream", "VideoReport"]
+__all__ = ["VIDEO_SUFFIXES", "output_name", "VideoFrame", "VideoDecoder", "VideoEncoder", "FrameStream", "VideoReport"]
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv")
 FRAME_NAME = "{index:06d}"  # a video frame's name in the outputs: <video stem>/000017_mask.png
 logger = logging.getLogger(__name__)
+
+
+def output_name(source: str | os.PathLike, kind: str) -> str:
+    """The folder in ``output_dir`` of a video's or frame folder's outputs: the video's stem, the folder's name."""
+    return Path(source).stem if kind == "video" else Path(source).name
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ class VideoDecoder:
     def __iter__(self) -> Iterator[VideoFrame]:
         self.bad_packets = self.decoded = 0
         container, stream = self._open()
-        folder = self.path.parent / self.path.stem
+        folder = self.path.parent / output_name(self.path, "video")
         try:
             packets = container.demux(stream)
             while True:
@@ -241,7 +246,7 @@ class FrameStream(torch.utils.data.IterableDataset):
 
     def __init__(self, inputs: Sequence[Mapping], transform: Callable | None = None, frame_rate: float = 25.0):
         super().__init__()
-        if not frame_rate > 0:
+        if not is_number(frame_rate) or not frame_rate > 0:  # a string override too: one line, not a TypeError
             raise InputError(f"--frame_rate must be a positive number of frames per second, got {frame_rate!r}.")
         self.inputs = list(inputs)
         self.transform = transform
@@ -349,7 +354,7 @@ class VideoReport:
 
     def __init__(self, output_dir: str | os.PathLike, reader, inputs=None, smoothing: float = 0.0,
                  frame_rate: float = 25.0, prefix: str = "pred_", mask_key: str = "pred") -> None:
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+        if not is_number(smoothing) or not 0 <= smoothing < 1:
             raise InputError(f"--smoothing must be a number in [0, 1) (the weight of the past frames; 0: off), "
                              f"got {smoothing!r}.")
         self.output_dir = Path(output_dir)
@@ -388,8 +393,8 @@ class VideoReport:
     def _video(self, batch: Mapping, mc: bool) -> _Video:
         source = batch["source"]
         if source not in self.open:
-            name = Path(source).stem if batch["kind"] == "video" else Path(source).name
-            self.open[source] = _Video(source, batch["kind"], self.output_dir / name, self._columns(mc))
+            folder = self.output_dir / output_name(source, batch["kind"])
+            self.open[source] = _Video(source, batch["kind"], folder, self._columns(mc))
         return self.open[source]
 
     def _pixels(self, video: _Video, batch: Mapping, name: str) -> np.ndarray:

@@ -331,6 +331,7 @@ def test_the_decoder_counts_what_a_damaged_video_loses(tmp_path):
 @pytest.mark.parametrize("overrides, expected", [
     ({"smoothing": 1.5}, "error: --smoothing must be a number in [0, 1)"),
     ({"frame_rate": 0}, "error: --frame_rate must be a positive number of frames per second, got 0."),
+    ({"frame_rate": "fast"}, "error: --frame_rate must be a positive number of frames per second, got 'fast'."),
     ({"input": "/nonexistent/clip.mp4"}, "error: input /nonexistent/clip.mp4 does not exist."),
 ])
 def test_bad_settings_end_in_one_line(balanced, tmp_path, overrides, expected):
