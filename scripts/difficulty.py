@@ -1,7 +1,8 @@
 # Copyright (c) the uncertainty-adaptive-polydice bundle authors. Apache License 2.0.
 """
-Image difficulty from mutual information, its normalisation over a pass, the map to the loss parameter ε
-(method.md §3), the table that holds each training image's ε between passes, and the difficulty pass itself.
+Image difficulty from Monte Carlo dropout samples (the default: the predictive entropy over the predicted
+foreground; the thesis's: the mutual information over the label's foreground), its normalisation over a pass, the
+map to the loss parameter ε (method.md §3), the table that holds each training image's ε between passes, and the difficulty pass itself.
 
 The pass (:class:`DifficultyPass`, an Ignite handler on the trainer) combines three objects of this module, each
 its own config id in ``configs/train.yaml``: a scorer (``difficulty#scorer``: dropout samples and masks of a batch
@@ -22,21 +23,27 @@ import ignite.distributed as idist
 import monai
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.metrics import compute_dice
 
-from scripts.audit import label_suspicion, write_label_audit
+from scripts.audit import RANKINGS, label_suspicion, write_label_audit
 from scripts.errors import InputError, check_choice, check_int, check_number
 from scripts.files import atomic_path, atomic_write
 from scripts.uncertainty import check_chunk_size, mc_foreground_samples, uncertainty_maps
 
 __all__ = [
-    "EMPTY_RULES", "ASSIGNMENTS", "image_difficulty", "dice_error", "normalise_difficulty", "epsilon_from_difficulty",
-    "MutualInformationDifficulty", "DiceErrorDifficulty", "EpsilonMap", "EpsilonTable", "DifficultyPass",
-    "DifficultyHistory",
+    "EMPTY_RULES", "ASSIGNMENTS", "MEASURES", "REGIONS", "image_difficulty", "boundary_band", "dice_error",
+    "normalise_difficulty", "epsilon_from_difficulty", "UncertaintyDifficulty", "MutualInformationDifficulty",
+    "DiceErrorDifficulty", "EpsilonMap", "EpsilonTable", "DifficultyPass", "DifficultyHistory",
 ]
 
 EMPTY_RULES = ("zero", "image_mean")
+# the per-pixel maps of scripts.uncertainty.uncertainty_maps a scorer can average: the epistemic part, or the total
+MEASURES = ("mutual_information", "entropy")
+# where it averages them: the label's foreground (the thesis), the predicted foreground (no label needed) or a band
+# around the label's boundary
+REGIONS = ("label", "prediction", "boundary")
 # how the pass's ε values go to images: by difficulty (the method), or shuffled across images (a control)
 ASSIGNMENTS = ("ranked", "shuffled")
 
@@ -73,6 +80,29 @@ def image_difficulty(mutual_information: torch.Tensor, mask: torch.Tensor, empty
     d = (mi * fg).sum(1) / count.clamp_min(1.0)
     fallback = mi.mean(1) if empty == "image_mean" else torch.zeros_like(d)
     return torch.where(count > 0, d, fallback)
+
+
+def boundary_band(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """
+    The pixels within ``width`` of the boundary of a binary mask, on both sides: ``dilate(M) ∧ ¬erode(M)`` with a
+    (2·width + 1)² square (Chebyshev distance). Beyond the image's edge nothing counts, so the frame's edge is no
+    boundary.
+
+    Args:
+        mask: (B, H, W) binary mask.
+        width: the band's half-width in pixels, >= 1.
+
+    Returns:
+        (B, H, W) bool; all False for an empty or a full mask.
+    """
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be (B, H, W), got shape {tuple(mask.shape)}.")
+    m = (mask > 0.5).float()[:, None]
+    k = 2 * width + 1
+    # max_pool2d pads with -inf: the neighbours outside the image are never the maximum, of m or of -m
+    dilated = F.max_pool2d(m, k, stride=1, padding=width)
+    eroded = -F.max_pool2d(-m, k, stride=1, padding=width)
+    return ((dilated > 0.5) & (eroded < 0.5))[:, 0]
 
 
 def dice_error(mean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,28 +149,65 @@ def epsilon_from_difficulty(
     return eps_min + (eps_max - eps_min) * torch.sigmoid(slope * d_norm)
 
 
-class MutualInformationDifficulty:
+class UncertaintyDifficulty:
     """
-    The method's difficulty scorer (method.md §3): the mutual information of N dropout samples, averaged over each
-    image's ground-truth foreground (:func:`image_difficulty`).
+    A difficulty scorer: one per-pixel uncertainty map of N dropout samples (:func:`uncertainty_maps`), averaged
+    over one region of each image,
+
+        D = (1/|R|) Σ_{(i,j)∈R} U_ij
+
+    with U the predictive entropy ``H(ȳ)`` (``measure="entropy"``) or the mutual information
+    ``H(ȳ) − (1/N) Σ_n H(ŷ⁽ⁿ⁾)`` (``"mutual_information"``), and R
+
+    - ``"prediction"``: the predicted foreground ``ȳ > 0.5``, so no label is needed;
+    - ``"label"``: the ground-truth foreground (the thesis's D, :class:`MutualInformationDifficulty`);
+    - ``"boundary"``: the pixels within ``band_width`` of the label's boundary (:func:`boundary_band`).
+
+    The defaults, the entropy over the predicted foreground, are the bundle's since version 0.13: of the signals
+    docs/results_difficulty.md compared it ranked images by their error best, stably from N = 4.
+
+    An image with an empty region gets D by ``empty``: ``"zero"`` or ``"image_mean"`` (U's mean over the image:
+    where the model predicts nothing, how unsure it is anywhere).
+
+    Call with ``samples`` (N, B, H, W) foreground probabilities and ``mask`` (B, H, W) or (B, 1, H, W) (read only
+    for the label and boundary regions); returns (B,) float.
+    """
+
+    def __init__(self, measure: str = "entropy", region: str = "prediction", band_width: int = 2,
+                 empty: str = "zero") -> None:
+        name = type(self).__name__
+        self.measure = check_choice(measure, f"{name} measure", MEASURES)
+        self.region = check_choice(region, f"{name} region", REGIONS)
+        self.band_width = check_int(band_width, f"{name} band_width", 1)
+        self.empty = check_choice(empty, f"{name} empty", EMPTY_RULES)
+
+    def __call__(self, samples: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        maps = uncertainty_maps(samples)
+        if self.region == "prediction":
+            region = maps["mean"] > 0.5
+        else:
+            region = _match_mask(mask, maps["mean"], "samples[0]") > 0.5
+            if self.region == "boundary":
+                region = boundary_band(region, self.band_width)
+        return image_difficulty(maps[self.measure], region, self.empty)
+
+
+class MutualInformationDifficulty(UncertaintyDifficulty):
+    """
+    The thesis's difficulty scorer (method.md §3): the mutual information of N dropout samples, averaged over each
+    image's ground-truth foreground (:func:`image_difficulty`); ``configs/difficulty/thesis.yaml``.
 
     Args:
         empty: D of an image whose mask is empty, ``"zero"`` or ``"image_mean"`` (the mean over the whole image).
-
-    Call with ``samples`` (N, B, *spatial) foreground probabilities and ``mask`` (B, *spatial) or (B, 1, *spatial);
-    returns (B,) float.
     """
 
     def __init__(self, empty: str = "zero") -> None:
-        self.empty = check_choice(empty, "MutualInformationDifficulty empty", EMPTY_RULES)
-
-    def __call__(self, samples: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return image_difficulty(uncertainty_maps(samples)["mutual_information"], mask, self.empty)
+        super().__init__("mutual_information", "label", empty=empty)
 
 
 class DiceErrorDifficulty:
     """
-    A control of method.md §7 in place of :class:`MutualInformationDifficulty`: D is 1 − Dice of the thresholded
+    A control of method.md §7 in place of an uncertainty scorer: D is 1 − Dice of the thresholded
     mean of the samples against the mask (:func:`dice_error`), an error signal with no uncertainty in it.
 
     Call with ``samples`` (N, B, *spatial) and ``mask`` (B, *spatial) or (B, 1, *spatial); returns (B,) float.
@@ -248,12 +315,14 @@ class DifficultyPass:
     batches and augmentations as without the pass. Under ``torch.distributed`` each process scores every
     ``world_size``-th image and the scores are gathered, so every process ends with the same table. ``history``
     (rank 0; None writes nothing) gets each pass's result and the maps of ``num_map_images`` fixed images and of
-    the ``num_audit_images`` most suspect labels (sampled again: a few images, not the set).
+    the ``num_audit_images`` most suspect labels (sampled again: a few images, not the set), ranked by
+    ``audit_ranking`` (:data:`scripts.audit.RANKINGS`).
     """
 
-    def __init__(self, dataset, scorer, eps_map, table, start: int = 0, interval: int = 10, num_samples: int = 10,
+    def __init__(self, dataset, scorer, eps_map, table, start: int = 0, interval: int = 10, num_samples: int = 4,
                  batch_size: int = 8, num_workers: int = 0, chunk_size: int | str = "auto", seed: int = 0,
-                 history: DifficultyHistory | None = None, num_map_images: int = 8, num_audit_images: int = 8) -> None:
+                 history: DifficultyHistory | None = None, num_map_images: int = 8, num_audit_images: int = 8,
+                 audit_ranking: str = "dice_error") -> None:
         self.dataset, self.scorer, self.eps_map, self.table, self.history = dataset, scorer, eps_map, table, history
         self.start = check_int(start, "DifficultyPass start (--mc_start)")
         self.interval = check_int(interval, "DifficultyPass interval (--mc_interval)", 1)
@@ -261,6 +330,7 @@ class DifficultyPass:
         self.batch_size, self.num_workers = check_int(batch_size, "batch_size", 1), num_workers
         self.chunk_size, self.seed = check_chunk_size(chunk_size), seed
         self.num_map_images, self.num_audit_images = num_map_images, num_audit_images
+        self.audit_ranking = check_choice(audit_ranking, "DifficultyPass audit_ranking", RANKINGS)
 
     def is_due(self, epoch: int) -> bool:
         """Algorithm 1's schedule (``Events.EPOCH_STARTED(every=τ)`` would never fire at epoch 1)."""
@@ -317,7 +387,7 @@ class DifficultyPass:
         _, images, labels, d, error = zip(*rows)
         d, error = torch.tensor(d, dtype=torch.float64), torch.tensor(error, dtype=torch.float64)
         return {"images": [str(i) for i in images], "labels": [str(i) for i in labels], "D": d,
-                "dice_error": error, "suspicion": label_suspicion(d, error),
+                "dice_error": error, "suspicion": label_suspicion(d, error, self.audit_ranking),
                 "scored_here": len(range(rank, len(self.dataset), world))}
 
     def maps(self, network: torch.nn.Module, indices: list[int], epoch: int) -> dict[str, np.ndarray]:

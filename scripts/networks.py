@@ -21,7 +21,8 @@ from torch import nn
 from scripts.diffusion import AnisotropicDiffusion, rk4
 from scripts.errors import InputError, check_int, check_number, is_int
 
-__all__ = ["DropoutUNet", "FullResolutionUNet", "DiffusionRefiner", "mc_dropout", "dropout_argument", "with_dropout"]
+__all__ = ["DROPOUT_TYPES", "DROPOUT_PLACES", "DropoutUNet", "FullResolutionUNet", "DiffusionRefiner", "mc_dropout",
+           "dropout_argument", "with_dropout"]
 
 
 # the blocks of both networks: BasicUNet's, with dropout only where MC dropout samples (None: no identity Dropout(0))
@@ -29,15 +30,35 @@ _CONV = {"act": "relu", "norm": "batch", "bias": False, "dropout": None}
 _UP = {"upsample": "nontrainable", "pre_conv": None, "interp_mode": "bilinear", "align_corners": True}
 
 
+# element: each activation dropped on its own (the thesis); channel: whole feature maps (Dropout2d), so that a sample's
+# perturbation is spatially coherent rather than independent per pixel (docs/results_difficulty.md)
+DROPOUT_TYPES = {"element": nn.Dropout, "channel": nn.Dropout2d}
+# bottleneck: after the last encoder block; output: on the last decoder features, before the 1×1 output conv
+DROPOUT_PLACES = ("bottleneck", "output")
+
+
 def _check_dropout(dropout) -> None:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise InputError(f"--dropout must be a number in [0.0, 1.0), got {dropout!r} ({type(dropout).__name__}).")
 
 
+def _dropout_layers(dropout: float, dropout_type: str, dropout_at: Sequence[str]) -> tuple[nn.Module, nn.Module]:
+    """The two dropout slots of both networks, (bottleneck, output): a slot not in ``dropout_at`` is the identity."""
+    _check_dropout(dropout)
+    if dropout_type not in DROPOUT_TYPES:
+        raise InputError(f"--dropout_type must be one of {', '.join(DROPOUT_TYPES)}, got {dropout_type!r}.")
+    if (isinstance(dropout_at, str) or not isinstance(dropout_at, Sequence) or not dropout_at
+            or not all(place in DROPOUT_PLACES for place in dropout_at)):
+        raise InputError(f'--dropout_at must be a non-empty list of places among {", ".join(DROPOUT_PLACES)}, '
+                         f'e.g. "[bottleneck,output]", got {dropout_at!r} ({type(dropout_at).__name__}).')
+    layer = DROPOUT_TYPES[dropout_type]
+    return tuple(layer(dropout) if place in dropout_at else nn.Identity() for place in DROPOUT_PLACES)
+
+
 class DropoutUNet(nn.Module):
     """
     Ronneberger U-Net with bilinear upsampling (thesis Table 1) and dropout after the last encoder block
-    and after the last decoder block, for Monte Carlo dropout.
+    (``bottleneck``) and after the last decoder block (``output``), for Monte Carlo dropout.
 
     With ``features = (f0, f1, f2, f3, f4)`` (Table 1: ``(64, 128, 256, 512, 512)``):
 
@@ -62,7 +83,11 @@ class DropoutUNet(nn.Module):
         in_channels: input channels (3 for RGB colonoscopy frames).
         out_channels: output channels (2: background and polyp logits).
         features: the five encoder widths ``(f0, f1, f2, f3, f4)``.
-        dropout: dropout probability p of the two dropout layers, in [0, 1).
+        dropout: dropout probability p of the dropout layers, in [0, 1).
+        dropout_type: ``"element"`` (``nn.Dropout``, the thesis) or ``"channel"`` (``nn.Dropout2d``: a sample
+            drops whole feature maps).
+        dropout_at: the places with dropout, among ``"bottleneck"`` and ``"output"`` (the thesis: both); the
+            other is the identity.
 
     Input ``(B, in_channels, H, W)`` with H and W multiples of 16 for exact shapes (other sizes are padded
     in the decoder); output ``(B, out_channels, H, W)`` logits.
@@ -74,13 +99,15 @@ class DropoutUNet(nn.Module):
         out_channels: int = 2,
         features: Sequence[int] = (64, 128, 256, 512, 512),
         dropout: float = 0.5,
+        dropout_type: str = "element",
+        dropout_at: Sequence[str] = DROPOUT_PLACES,
     ) -> None:
         super().__init__()
         if not isinstance(features, Sequence) or len(features) != 5 or not all(is_int(f, 1) for f in features):
             raise InputError(f'--features must be a list of five positive integers, e.g. "[64,128,256,512,512]", '
                              f"got {features!r} ({type(features).__name__}).")
         features = tuple(int(f) for f in features)
-        _check_dropout(dropout)
+        self.dropout_enc, self.dropout_dec = _dropout_layers(dropout, dropout_type, dropout_at)
         f0, f1, f2, f3, f4 = features
         spatial_dims = 2
         self.features = features
@@ -89,12 +116,10 @@ class DropoutUNet(nn.Module):
         self.down2 = Down(spatial_dims, f1, f2, **_CONV)
         self.down3 = Down(spatial_dims, f2, f3, **_CONV)
         self.down4 = Down(spatial_dims, f3, f4, **_CONV)
-        self.dropout_enc = nn.Dropout(dropout)
         self.up1 = UpCat(spatial_dims, f4, f3, f2, **_CONV, **_UP)
         self.up2 = UpCat(spatial_dims, f2, f2, f1, **_CONV, **_UP)
         self.up3 = UpCat(spatial_dims, f1, f1, f0, **_CONV, **_UP)
         self.up4 = UpCat(spatial_dims, f0, f0, f0, **_CONV, **_UP)
-        self.dropout_dec = nn.Dropout(dropout)
         self.outc = nn.Conv2d(f0, out_channels, kernel_size=1)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -214,7 +239,8 @@ class FullResolutionUNet(nn.Module):
         out_channels: output channels (2: background and vessel logits).
         features: the widths ``(f0, f1, ..., fd)`` of the full-resolution scale and of each scale below it, at
             least two; f0 is also the width of the residual stream.
-        dropout: dropout probability p of the two dropout layers, in [0, 1).
+        dropout: dropout probability p of the dropout layers, in [0, 1).
+        dropout_type, dropout_at: the kind of dropout and its places, as in :class:`DropoutUNet`.
 
     Input ``(B, in_channels, H, W)`` with H, W >= 2^d; output ``(B, out_channels, H, W)`` logits. With H and W
     multiples of 2^d every scale is exactly H/2^s and the stream is pooled with the U-Net's own windows; other
@@ -228,13 +254,15 @@ class FullResolutionUNet(nn.Module):
         out_channels: int = 2,
         features: Sequence[int] = (32, 64, 128, 256),
         dropout: float = 0.5,
+        dropout_type: str = "element",
+        dropout_at: Sequence[str] = DROPOUT_PLACES,
     ) -> None:
         super().__init__()
         if not isinstance(features, Sequence) or len(features) < 2 or not all(is_int(f, 1) for f in features):
             raise InputError(f"--features must be a list of at least two positive integers, the widths of the "
                              f'full-resolution scale and of each scale below it, e.g. "[32,64,128,256]", '
                              f"got {features!r} ({type(features).__name__}).")
-        _check_dropout(dropout)
+        self.dropout_enc, self.dropout_dec = _dropout_layers(dropout, dropout_type, dropout_at)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not is_int(value, 1):
                 raise InputError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
@@ -251,13 +279,11 @@ class FullResolutionUNet(nn.Module):
             Down(spatial_dims, f[s - 1] + (c if s > 1 else 0), f[s], **_CONV) for s in range(1, depth + 1)
         )
         self.down_to_stream = nn.ModuleList(nn.Conv2d(f[s], c, kernel_size=1) for s in range(1, depth + 1))
-        self.dropout_enc = nn.Dropout(dropout)
         self.up = nn.ModuleList(UpCat(spatial_dims, f[s + 1], f[s] + c, f[s], **_CONV, **_UP)
                                 for s in reversed(range(1, depth)))
         self.up_to_stream = nn.ModuleList(nn.Conv2d(f[s], c, kernel_size=1) for s in reversed(range(1, depth)))
         # scale 0 on its own, not as up[-1]: it only reads the stream, and TorchScript can zip whole ModuleLists only
         self.up_full = UpCat(spatial_dims, f[1], f[0] + c, f[0], **_CONV, **_UP)
-        self.dropout_dec = nn.Dropout(dropout)
         self.outc = nn.Conv2d(c, self.out_channels, kernel_size=1)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -56,9 +56,12 @@ def _settings(obj) -> list[str]:
 
 
 def describe_network(network: nn.Module) -> str:
-    """Class, plain settings (e.g. ``features``), dropout probabilities and parameter count of a network."""
+    """Class, plain settings (e.g. ``features``), dropout layers (p, and the class where not ``nn.Dropout``) and
+    parameter count of a network."""
     network = getattr(network, "module", network)  # DDP
-    dropout = [m.p for m in network.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    # element-wise dropout by its p alone, as before version 0.13; other kinds (Dropout2d) by their class too
+    dropout = [m.p if type(m) is nn.Dropout else f"{type(m).__name__}({m.p})"
+               for m in network.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     count = sum(p.numel() for p in network.parameters())
     return f"{type(network).__name__}({', '.join([*_settings(network), f'dropout={dropout}'])}; {count} parameters)"
 

@@ -70,8 +70,11 @@ def test_history_keeps_one_set_of_rows_per_pass(demo, tmp_path):
 
 
 def test_shuffled_control_hands_out_the_same_eps_values_in_another_order(demo):
-    ranked, network = difficulty_pass(demo, mc_samples=3, **NO_HISTORY)
-    shuffled, _ = difficulty_pass(demo, mc_samples=3, **NO_HISTORY, **{"difficulty#eps_map#assignment": "shuffled"})
+    # D over the label's foreground: the untrained network predicts no polyp anywhere, so the default's region (the
+    # predicted foreground) is empty and every D 0
+    label = {**NO_HISTORY, "difficulty#scorer#region": "label"}
+    ranked, network = difficulty_pass(demo, mc_samples=3, **label)
+    shuffled, _ = difficulty_pass(demo, mc_samples=3, **label, **{"difficulty#eps_map#assignment": "shuffled"})
     a, b = ranked.run_pass(network, epoch=1), shuffled.run_pass(network, epoch=1)
     assert torch.equal(a["D"], b["D"]) and a["labels"] == b["labels"]  # same scores: only the assignment differs
     assert torch.equal(b["eps"].sort().values, a["eps"].sort().values)  # the same values ...

@@ -113,3 +113,90 @@ def test_video(monkeypatch, capsys):
     figure(r"^command: .*; (\S+) frames/s while writing", out)
     assert re.search(r"^a line through the tenths' medians .*: main RSS \S+ MB per 1000 frames", out, re.MULTILINE), \
         out[-3000:]
+
+
+def test_difficulty_study(demo, trained, tmp_path, monkeypatch, capsys):
+    """benchmarks/difficulty.py end to end at toy size: labels broken on purpose, the signals of a trained run, the
+    audit's evidence at each saved epoch, and the report's tables and figures."""
+    import json
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    audit_data = tmp_path / "audit"
+    out = run_benchmark("difficulty.py", ["corrupt", str(demo), str(audit_data), "--seed", "1", "--erased", "1",
+                                          "--shifted", "1", "--swapped", "2"], monkeypatch, capsys)
+    assert "1 erased, 1 shifted, 2 swapped" in out
+    broken = json.loads((audit_data / "broken.json").read_text())
+    original = json.loads((demo / "datalist.json").read_text())
+    copy = json.loads((audit_data / "datalist.json").read_text())
+    assert {k: len(v) for k, v in broken.items()} == {"erased": 1, "shifted": 1, "swapped": 2}
+    labels = {(audit_data / d["label"]).resolve() for d in copy["training"]}
+    assert {(audit_data / p).resolve() for paths in broken.values() for p in paths} <= labels
+    assert not np.asarray(Image.open(audit_data / broken["erased"][0])).any()
+    for split in ("validation", "test"):  # untouched, the same files
+        assert [(audit_data / d["label"]).resolve() for d in copy[split]] == [
+            (demo / d["label"]).resolve() for d in original[split]]
+
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "budget": {"image_size": 32, "features": [4, 8, 8, 16, 16], "batch_size": 8, "num_workers": 0},
+        "splits": {"demo": str(demo)}, "seeds": [0], "baseline": "thesis",
+        "methods": {"thesis": {"label": "the tests' model", "configs": []}}}))
+    audit_study = tmp_path / "audit_study.yaml"
+    audit_study.write_text(study.read_text().replace(str(demo), str(audit_data)))
+    runs = tmp_path / "runs"
+    for output, split in ((runs, "demo"), (tmp_path / "audit_runs", "demo")):
+        (output / split / "thesis" / "seed0").mkdir(parents=True)
+        (output / split / "thesis" / "seed0" / "models").symlink_to(trained / "models")
+    out = run_benchmark("difficulty.py", ["signals", str(study), "--output", str(runs), "--samples", "4",
+                                          "--batch-size", "8"], monkeypatch, capsys)
+    assert "1 finished runs" in out
+    with np.load(runs / "demo" / "thesis" / "seed0" / "signals" / "training.npz") as z:
+        n = len(original["training"])
+        assert z["error"].shape == (n,) and ((z["error"] >= 0) & (z["error"] <= 1)).all()
+        assert list(z["sizes"]) == [2, 4]
+        for name in ("mi_label", "mi_prediction", "entropy_prediction", "mi_boundary", "dice_error_mean"):
+            assert z[f"signal/{name}"].shape == (2, 2, n) and np.isfinite(z[f"signal/{name}"]).all(), name
+        # the two halves are independent draws: they differ, and the entropy stays within [0, log 2]
+        assert not np.array_equal(z["signal/mi_label"][0], z["signal/mi_label"][1])
+        assert (z["signal/entropy_prediction"] <= np.log(2) + 1e-6).all()
+    out = run_benchmark("difficulty.py", ["audit", str(audit_study), "--output", str(tmp_path / "audit_runs"),
+                                          "--samples", "2", "--batch-size", "8"], monkeypatch, capsys)
+    assert "epoch 1:" in out and "epoch 2:" in out
+    report = tmp_path / "report"
+    out = run_benchmark("difficulty.py", ["report", "--variants", str(study), str(runs), "--audit", str(audit_study),
+                                          str(tmp_path / "audit_runs"), "--report", str(report)], monkeypatch, capsys)
+    for heading in ("## Signals, Kvasir-SEG", "## Dropout variants", "## Label audit rankings"):
+        assert heading in out
+    # every ranking of the audit, at both saved epochs, counts the 4 broken labels of the 4 kinds' totals
+    tables = json.loads((report / "tables.json").read_text())
+    assert len(tables["audit"]) == 2 * 5 and all(r["total"] <= 4 and 0 < r["ap"] <= 1 for r in tables["audit"])
+    assert (report / "mi_maps_kvasir.png").stat().st_size > 0 and (report / "signal_vs_error_kvasir.png").is_file()
+
+
+def test_difficulty_spearman_and_audit_counts_by_hand():
+    """The study's correlation equals scipy's for one seed, and its bootstrap interval contains it."""
+    import importlib.util
+
+    import numpy as np
+    from conftest import BUNDLE_ROOT
+    from scipy.stats import spearmanr
+
+    spec = importlib.util.spec_from_file_location("difficulty", BUNDLE_ROOT / "benchmarks" / "difficulty.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    x = rng.random(60)
+    y = x + rng.normal(0, 0.3, 60)
+    y[:5] = y[5]  # ties
+    rho, low, high = module.spearman_over_seeds([x], [y], resamples=500)
+    assert rho == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert low < rho < high
+    # two seeds: the mean of the two correlations
+    z = rng.random(60)
+    rho2, _, _ = module.spearman_over_seeds([x, z], [y, y], resamples=50)
+    assert rho2 == pytest.approx((spearmanr(x, y).statistic + spearmanr(z, y).statistic) / 2, abs=1e-12)
+    # the rank quantile of the audit's product: 0 for the lowest, 1 for the highest, ties averaged
+    np.testing.assert_allclose(module._quantile(np.array([0.3, 0.1, 0.1, 0.5])), [2 / 3, 1 / 6, 1 / 6, 1.0])

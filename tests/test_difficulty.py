@@ -14,6 +14,8 @@ from scripts.difficulty import (
     EpsilonMap,
     EpsilonTable,
     MutualInformationDifficulty,
+    UncertaintyDifficulty,
+    boundary_band,
     dice_error,
     epsilon_from_difficulty,
     image_difficulty,
@@ -80,6 +82,82 @@ def test_scorers_score_a_batch_of_samples():
         MutualInformationDifficulty(empty="skip")
 
 
+def _entropy64(p: np.ndarray) -> np.ndarray:
+    """Binary entropy in float64, written out (0 log 0 = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.nan_to_num(p * np.log(p)) - np.nan_to_num((1 - p) * np.log(1 - p))
+
+
+def _band64(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels with a pixel of the other class within Chebyshev distance ``width`` inside the image, by brute force."""
+    h, w = mask.shape
+    band = np.zeros_like(mask)
+    for i in range(h):
+        for j in range(w):
+            window = mask[max(i - width, 0):i + width + 1, max(j - width, 0):j + width + 1]
+            band[i, j] = window.any() and not window.all()
+    return band
+
+
+def test_boundary_band_by_brute_force():
+    rng = np.random.default_rng(4)
+    masks = rng.random((3, 11, 13)) > 0.6
+    masks[1] = False
+    masks[1, 4:8, 0:5] = True  # touches the left edge: the frame's edge is no boundary
+    masks[2] = True  # full: no boundary at all
+    for width in (1, 2):
+        band = boundary_band(torch.as_tensor(masks), width).numpy()
+        np.testing.assert_array_equal(band, np.stack([_band64(m, width) for m in masks]))
+    assert not boundary_band(torch.as_tensor(masks), 1)[2].any()
+    assert not boundary_band(torch.as_tensor(masks[1:2]), 1)[0, 5, 0]  # inside the mask, at the frame's edge
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        boundary_band(torch.zeros(2, 1, 4, 4), 1)
+
+
+@pytest.mark.parametrize("measure", ["mutual_information", "entropy"])
+@pytest.mark.parametrize("region", ["label", "prediction", "boundary"])
+def test_uncertainty_difficulty_against_float64(measure, region):
+    rng = np.random.default_rng(5)
+    samples = rng.random((6, 3, 12, 12))  # (N, B, H, W)
+    samples[:, 1] = rng.random((6, 1, 1)) * 0.3  # image 1: nothing predicted
+    mask = np.zeros((3, 12, 12), bool)
+    mask[0, 3:9, 2:7] = True
+    mask[1, 5:8, 5:8] = True
+    # image 2: an empty label
+    mean = samples.mean(0)
+    u = _entropy64(mean) - (_entropy64(samples).mean(0) if measure == "mutual_information" else 0.0)
+    regions = {"label": mask, "prediction": mean > 0.5,
+               "boundary": np.stack([_band64(m, 2) for m in mask])}[region]
+    expected = [u[b][regions[b]].mean() if regions[b].any() else 0.0 for b in range(3)]
+    scorer = UncertaintyDifficulty(measure, region, band_width=2)
+    got = scorer(torch.as_tensor(samples, dtype=torch.float32), torch.as_tensor(mask)[:, None]).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    image_mean = UncertaintyDifficulty(measure, region, band_width=2, empty="image_mean")
+    empty = [b for b in range(3) if not regions[b].any()]
+    assert empty, "each region has an image where it is empty"
+    got = image_mean(torch.as_tensor(samples, dtype=torch.float32), torch.as_tensor(mask)).numpy()
+    np.testing.assert_allclose(got[empty], [u[b].mean() for b in empty], rtol=1e-4)
+
+
+def test_uncertainty_difficulty_defaults_and_arguments():
+    samples = torch.rand(4, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    mask = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(3)) > 0.5
+    thesis = UncertaintyDifficulty("mutual_information", "label")
+    torch.testing.assert_close(thesis(samples, mask), MutualInformationDifficulty()(samples, mask))
+    # the default, the entropy over the prediction, reads no label: any mask of the right shape gives the same D
+    default = UncertaintyDifficulty()
+    assert (default.measure, default.region) == ("entropy", "prediction")
+    torch.testing.assert_close(default(samples, mask), default(samples, ~mask))
+    for kwargs, message in (({"measure": "variance"}, "UncertaintyDifficulty measure must be one of "
+                                                      "mutual_information, entropy"),
+                            ({"region": "image"}, "UncertaintyDifficulty region must be one of label, prediction, "
+                                                  "boundary"),
+                            ({"band_width": 0}, "UncertaintyDifficulty band_width must be an integer >= 1")):
+        with pytest.raises(InputError) as info:
+            UncertaintyDifficulty(**kwargs)
+        assert str(info.value).startswith(message), str(info.value)
+
+
 def test_epsilon_map_is_the_normalisation_and_sigmoid_and_checks_its_arguments():
     d = torch.tensor([0.2, 0.05, 0.4, 0.1, 0.3], dtype=torch.float64)
     ranked = EpsilonMap(eps_min=0.1, eps_max=0.4, slope=3.0, percentile=50)
@@ -103,11 +181,17 @@ def test_label_suspicion_by_hand():
     error = torch.tensor([0.5, 1.0, 0.2, 0.8])
     # ranks of D (ties averaged) 3, 1.5, 1.5, 4 -> q = (rank - 1) / 3 = 2/3, 1/6, 1/6, 1
     expected = torch.tensor([0.5 / 3, 1.0 * 5 / 6, 0.2 * 5 / 6, 0.0], dtype=torch.float64)
-    torch.testing.assert_close(label_suspicion(d, error), expected)
+    certainty = label_suspicion(d, error, "dice_error_certainty")
+    torch.testing.assert_close(certainty, expected)
     # a sure model far from the label tops the list; an unsure one (the highest D) is hard, not mislabelled
-    assert label_suspicion(d, error).argmax() == 1 and label_suspicion(d, error)[3] == 0
+    assert certainty.argmax() == 1 and certainty[3] == 0
+    # the default: 1 - Dice alone, D not read
+    torch.testing.assert_close(label_suspicion(d, error), error.double())
+    torch.testing.assert_close(label_suspicion(d.flip(0), error), error.double())
     with pytest.raises(ValueError, match="one shape"):
         label_suspicion(d, error[:3])
+    with pytest.raises(ValueError, match="ranking must be one of"):
+        label_suspicion(d, error, "dice")
 
 
 def test_table_lookup_update_and_checkpoint_round_trip():

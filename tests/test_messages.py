@@ -47,7 +47,7 @@ def test_a_truncated_model_ends_evaluation_with_one_line(demo, trained, tmp_path
     ({"image_size": [64, 60]}, 'error: --image_size must be a multiple of 16 (the U-Net pools four times), or a '
                                'pair "[H,W]" of them, got [64, 60] (list).'),
     ({"eps_min": 0.4, "eps_max": 0.1}, "error: --eps_min (0.4) must not exceed --eps_max (0.1)."),
-    ({"difficulty#scorer#empty": "skip"}, "error: MutualInformationDifficulty empty must be one of zero, image_mean, "
+    ({"difficulty#scorer#empty": "skip"}, "error: UncertaintyDifficulty empty must be one of zero, image_mean, "
                                           "got 'skip'."),
     ({"difficulty#eps_map#slope": "two"}, "error: EpsilonMap slope must be a number in [0.0, inf], got 'two' (str)."),
     ({"difficulty#eps_map#assignment": "random"}, "error: EpsilonMap assignment must be one of ranked, shuffled, got "
@@ -55,6 +55,11 @@ def test_a_truncated_model_ends_evaluation_with_one_line(demo, trained, tmp_path
     ({"mc_interval": 0}, "error: DifficultyPass interval (--mc_interval) must be an integer >= 1, got 0 (int)."),
     ({"mc_samples": 1}, "error: DifficultyPass num_samples (--mc_samples) must be an integer >= 2, got 1 (int)."),
     ({"mc_chunk_size": 0}, "error: --mc_chunk_size must be auto or an integer >= 1, got 0 (int)."),
+    ({"dropout_type": "spatial"}, "error: --dropout_type must be one of element, channel, got 'spatial'."),
+    ({"dropout_at": "output"}, "error: --dropout_at must be a non-empty list of places among bottleneck, output, e.g. "
+                               "\"[bottleneck,output]\", got 'output' (str)."),
+    ({"difficulty#pass#audit_ranking": "dice"}, "error: DifficultyPass audit_ranking must be one of dice_error, "
+                                                "dice_error_certainty, got 'dice'."),
     ({"dropout": 0.0}, "error: --dropout 0 makes every dropout sample the same, so the difficulty pass would give "
                        "every image the same eps: train with --dropout > 0, or use a fixed-shape loss overlay "
                        "(configs/loss/*.yaml)."),

@@ -10,7 +10,7 @@ from monai.losses import DiceCELoss
 from scripts.errors import InputError
 from scripts.networks import DropoutUNet, FullResolutionUNet, mc_dropout
 from scripts.resume import describe_network
-from scripts.uncertainty import mc_foreground_samples, mc_foreground_samples_naive
+from scripts.uncertainty import check_mc_network, mc_foreground_samples, mc_foreground_samples_naive
 from torch import nn
 
 
@@ -36,6 +36,53 @@ def test_dropout_sits_after_down4_and_up4_only():
     net = DropoutUNet(features=(4, 8, 8, 16, 16), dropout=0.3)
     dropouts = [(n, m.p) for n, m in net.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     assert dropouts == [("dropout_enc", 0.3), ("dropout_dec", 0.3)]
+
+
+@pytest.mark.parametrize("cls,features", [(DropoutUNet, (4, 8, 8, 16, 16)), (FullResolutionUNet, (4, 8, 8))])
+@pytest.mark.parametrize("dropout_type,layer", [("element", nn.Dropout), ("channel", nn.Dropout2d)])
+@pytest.mark.parametrize("at", [("bottleneck", "output"), ("bottleneck",), ("output",)])
+def test_dropout_variants_place_the_chosen_layer(cls, features, dropout_type, layer, at):
+    net = cls(features=features, dropout=0.3, dropout_type=dropout_type, dropout_at=list(at))
+    placed = {"bottleneck": net.dropout_enc, "output": net.dropout_dec}
+    for place, module in placed.items():
+        if place in at:
+            assert type(module) is layer and module.p == 0.3
+        else:
+            assert isinstance(module, nn.Identity)
+    check_mc_network(net, 32)  # samples, keeps BatchNorm, and the encode/decode split still holds
+
+
+def test_channel_dropout_drops_whole_feature_maps():
+    torch.manual_seed(0)
+    net = DropoutUNet(features=(4, 8, 8, 16, 16), dropout=0.5, dropout_type="channel", dropout_at=["output"]).eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        feats = net.encode(x)
+        kept = net.decode_features(feats).double()  # eval mode: no dropout
+        with mc_dropout(net):
+            dropped = net.decode_features(feats).double()
+    # each (image, channel) map is either zero or the whole map scaled by 1 / (1 - p), by hand in float64
+    for b in range(3):
+        for c in range(kept.shape[1]):
+            zero = bool((dropped[b, c] == 0).all())
+            assert zero or torch.allclose(dropped[b, c], kept[b, c] * 2.0, rtol=1e-5, atol=1e-6), (b, c)
+    zeros = (dropped.flatten(2) == 0).all(-1)
+    assert 0 < int(zeros.sum()) < zeros.numel()  # some maps dropped, not all
+    element = DropoutUNet(features=(4, 8, 8, 16, 16), dropout=0.5, dropout_at=["output"]).eval()
+    element.load_state_dict(net.state_dict())  # the same weights: dropout layers hold no parameters
+    with torch.no_grad(), mc_dropout(element):
+        speckled = element.decode_features(element.encode(x))
+    assert not (speckled.flatten(2) == 0).all(-1).any()  # element-wise: no map dropped whole at 32 x 32
+
+
+@pytest.mark.parametrize("kwargs,match", [({"dropout_type": "spatial"}, "--dropout_type must be one of element, channel"),
+                                          ({"dropout_at": "output"}, "--dropout_at must be a non-empty list"),
+                                          ({"dropout_at": []}, "--dropout_at must be a non-empty list"),
+                                          ({"dropout_at": ["decoder"]}, "among bottleneck, output")])
+def test_bad_dropout_variants(kwargs, match):
+    for cls, features in ((DropoutUNet, (4, 8, 8, 16, 16)), (FullResolutionUNet, (4, 8))):
+        with pytest.raises(InputError, match=match):
+            cls(features=features, **kwargs)
 
 
 def test_forward_is_decode_of_encode_and_odd_sizes_work():
@@ -279,6 +326,10 @@ def test_full_resolution_state_dict_round_trip_and_description():
     assert describe_network(other) == describe_network(net) == (
         f"FullResolutionUNet(features=(8, 16, 32, 64), in_channels=3, out_channels=2, dropout=[0.2, 0.2]; "
         f"{count} parameters)")
+    # the kind and places of dropout are part of the description, so a run's identity tells them apart
+    channel = FullResolutionUNet(features=list(NARROW), dropout=0.2, dropout_type="channel", dropout_at=["bottleneck"])
+    assert describe_network(channel) == (f"FullResolutionUNet(features=(8, 16, 32, 64), in_channels=3, out_channels=2, "
+                                         f"dropout=['Dropout2d(0.2)']; {count} parameters)")
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from scripts.losses import PolyDiceLoss
 from scripts.prepare_data import main as prepare
 
 TRAIN = ["configs/train.yaml", "configs/vessel/train.yaml"]
+ADAPTIVE = TRAIN + ["configs/loss/adaptive_polydice1.yaml"]   # the vessel default is the Dice loss
 EVALUATE = ["configs/train.yaml", "configs/evaluate.yaml", "configs/vessel/train.yaml", "configs/vessel/evaluate.yaml"]
 INFER = ["configs/inference.yaml", "configs/vessel/inference.yaml"]
 TINY_NET = ["--features", "[4,8,8,16,16]", "--num_workers", "0"]
@@ -105,7 +106,7 @@ def chase_run(chase_data, tmp_path_factory) -> Path:
 
 
 def _chase_run(chase_data: Path, out: Path) -> None:
-    run("-m", "monai.bundle", "run", "training", "--config_file", config_files(TRAIN), "--dataset_dir",
+    run("-m", "monai.bundle", "run", "training", "--config_file", config_files(ADAPTIVE), "--dataset_dir",
         str(chase_data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), *TINY_NET,
         "--epochs", "2", "--patches_per_image", "8", "--val_interval", "2", "--mc_start", "2", "--mc_samples", "2",
         "--difficulty#pass#num_map_images", "0", "--difficulty#pass#num_audit_images", "0")  # maps: seconds each
@@ -136,8 +137,15 @@ def _chase_run(chase_data: Path, out: Path) -> None:
 
 
 @needs(CHASE)
+def test_the_vessel_default_is_the_dice_loss_and_adaptive_training_one_overlay_away():
+    default = parse(TRAIN, device="cpu")
+    assert type(default.get_parsed_content("loss")).__name__ == "DiceLoss" and default["adaptive"] is False
+    adaptive = parse(ADAPTIVE, device="cpu")
+    assert type(adaptive.get_parsed_content("loss")).__name__ == "AdaptivePolyDiceLoss" and adaptive["adaptive"] is True
+
+
 def test_patches_carry_their_source_image_to_the_adaptive_eps(chase_data):
-    parser = parse(TRAIN, dataset_dir=str(chase_data), device="cpu", patches_per_image=6, num_workers=0)
+    parser = parse(ADAPTIVE, dataset_dir=str(chase_data), device="cpu", patches_per_image=6, num_workers=0)
     items = parser.get_parsed_content("train#datalist")
     preprocessing = parser.get_parsed_content("train#preprocessing")
     batch = list_data_collate([preprocessing(item) for item in items])  # what the DataLoader makes of 2 images
@@ -430,7 +438,7 @@ def _drive_run(tmp_path: Path) -> None:
     frunet = ["configs/vessel/frunet.yaml"]
     common = ["--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "m"), "--features", "[4,8,16]",
               "--num_workers", "0", "--patch_size", "32"]
-    run("-m", "monai.bundle", "run", "training", "--config_file", config_files(TRAIN + frunet), *common,
+    run("-m", "monai.bundle", "run", "training", "--config_file", config_files(ADAPTIVE + frunet), *common,
         "--output_dir", str(tmp_path / "e"), "--epochs", "1", "--patches_per_image", "4", "--mc_start", "1",
         "--mc_samples", "2")
     table = torch.load(tmp_path / "m" / "checkpoint_final.pt", weights_only=True)["epsilon_table"]

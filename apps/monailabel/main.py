@@ -26,8 +26,8 @@ Everything the ``monaibundle`` app does is kept as it is (``BundleInferTask``, `
   mutual information over the *predicted* foreground (``scripts.difficulty.image_difficulty``; an image with none
   scores its mean MI over the whole frame); the strategy serves the highest D;
 - the scoring method and strategy ``label_audit`` (``<label>_label_audit`` when the app serves several bundles):
-  for every *labelled* image, the suspicion of the bundle's label audit (``scripts/audit.py``: the model is sure of
-  itself and far from the label), read from the ``label_audit.csv`` that the bundle's training writes, or computed
+  for every *labelled* image, the suspicion of the bundle's label audit (``scripts/audit.py``: by default how far
+  the model's mean prediction is from the label, ``1 − Dice``), read from the ``label_audit.csv`` that the bundle's training writes, or computed
   by the bundle's ``auditing`` (``configs/audit.yaml``) when that file is not the audit of the current model and
   labels; the strategy serves the most suspect label not yet reviewed;
 - the strategy ``epistemic``: the highest ``epistemic_entropy`` that the ``--conf epistemic_model`` scoring writes,
@@ -319,9 +319,10 @@ class MutualInformationScoring(ScoringMethod):
 
 class LabelAuditScoring(ScoringMethod):
     """
-    Review score of every labelled image: the suspicion ``(1 − Dice) · (1 − q_D)`` of the bundle's label audit
-    (``scripts/audit.py``), high where one MC-dropout pass is sure of itself (low rank ``q_D`` of its difficulty)
-    and far from the label. The ranks make it a property of the whole set, so the set is audited as one.
+    Review score of every labelled image: the suspicion of the bundle's label audit (``scripts/audit.py``), by
+    default ``1 − Dice`` of one MC-dropout pass's mean prediction against the label (``difficulty#pass#
+    audit_ranking``; its alternative ``(1 − Dice) · (1 − q_D)`` ranks D over the whole set), so the set is audited
+    as one.
 
     The numbers are always those of ``label_audit.csv`` in the bundle's ``output_dir`` (``<bundle>/eval``: MONAI
     Label's training sets ``bundle_root``), where the bundle's training writes its audit after each difficulty pass.
