@@ -224,7 +224,7 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
 
 
-def corrupt_labels(labels: list[Path], counts: dict[str, int], seed: int = 0,
+def corrupt_labels(labels: list[Path], counts: dict[str, int], seed: int | np.random.Generator = 0,
                    max_overlap: float = 0.3) -> tuple[dict[Path, np.ndarray], dict[str, list[Path]]]:
     """
     Broken versions of ``counts[kind]`` of ``labels`` (mask files), for each kind of :data:`KINDS`:
@@ -234,7 +234,8 @@ def corrupt_labels(labels: list[Path], counts: dict[str, int], seed: int = 0,
     - swapped: two images exchange their masks (each resized to the other's frame), so its count must be even.
 
     A shifted or swapped mask whose Dice with the true one exceeds ``max_overlap`` would be barely wrong, so such
-    candidates are passed over. Returns the new masks by label path and the broken labels by kind.
+    candidates are passed over. ``seed`` may be a generator that has drawn before (``numpy.random.default_rng``
+    takes either). Returns the new masks by label path and the broken labels by kind.
     """
     if counts.get("swapped", 0) % 2:
         raise ValueError(f"swaps come in pairs: got swapped={counts['swapped']}.")
@@ -361,7 +362,7 @@ def _metric_mean(folder: Path, split: str) -> float | None:
     if not path.is_file():
         return None
     for line in path.read_text().splitlines():
-        name, _, value = line.replace("\t", ",").partition(",")
+        name, _, value = line.partition(",")
         if name.strip() == f"{split}_dice":
             return float(value)
     return None

@@ -62,15 +62,24 @@ def run_bundle(*args: str) -> None:
         os.chdir(cwd)
 
 
+def load_benchmark(script: str):
+    """``benchmarks/<script>`` as a module (the folder is no package), registered in ``sys.modules`` under its stem:
+    a dataclass of the module resolves its annotations there."""
+    name = Path(script).stem
+    spec = importlib.util.spec_from_file_location(name, BUNDLE_ROOT / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_benchmark(script: str, argv: list[str], monkeypatch, capsys) -> str:
     """
     What ``python benchmarks/<script> <argv>`` prints, run in this process (a fresh interpreter's import of MONAI
     costs several seconds, more than a toy run); it must end as a successful command does (``main`` returns None
     or 0, or exits 0). torch's thread count is restored after.
     """
-    spec = importlib.util.spec_from_file_location(Path(script).stem, BUNDLE_ROOT / "benchmarks" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark(script)
     monkeypatch.setattr("sys.argv", [script, *argv])
     threads = torch.get_num_threads()
     try:

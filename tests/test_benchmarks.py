@@ -9,7 +9,7 @@ import math
 import re
 
 import pytest
-from conftest import run_benchmark
+from conftest import load_benchmark, run_benchmark
 
 # the tests' tiny network at 32 px, on one thread: a few seconds each, most of it importing MONAI
 TOY = ["--image-size", "32", "--features", "4", "8", "8", "16", "16", "--threads", "1"]
@@ -178,15 +178,10 @@ def test_difficulty_study(demo, trained, tmp_path, monkeypatch, capsys):
 
 def test_difficulty_spearman_and_audit_counts_by_hand():
     """The study's correlation equals scipy's for one seed, and its bootstrap interval contains it."""
-    import importlib.util
-
     import numpy as np
-    from conftest import BUNDLE_ROOT
     from scipy.stats import spearmanr
 
-    spec = importlib.util.spec_from_file_location("difficulty", BUNDLE_ROOT / "benchmarks" / "difficulty.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("difficulty.py")
     rng = np.random.default_rng(0)
     x = rng.random(60)
     y = x + rng.normal(0, 0.3, 60)

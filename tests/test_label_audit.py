@@ -10,40 +10,27 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from conftest import KVASIR, TRAIN, needs, read_json, run
+from conftest import KVASIR, TRAIN, load_benchmark, needs, read_json, run
 from PIL import Image
 
 from scripts.prepare_data import main as prepare_data
 
 pytestmark = needs(KVASIR)
 
-KINDS = ("erased", "shifted", "swapped")
-
-
 def _mask(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L")) > 127
-
-
-def _overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary masks of one shape."""
-    return 2.0 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
 
 
 def corrupted_kvasir(root: Path, num_images: int, counts: dict[str, int], seed: int = 0, min_area: float = 0.0,
                      max_overlap: float = 0.3) -> dict[str, list[str]]:
     """
     ``num_images`` Kvasir-SEG pairs (a seeded draw) in ``root/frames/{images,masks}``, symlinks to the shared data
-    except ``counts[kind]`` masks of each of :data:`KINDS`, written as new 0/255 PNGs of the frame's size:
-
-    - erased: all black;
-    - shifted: the true mask rolled by a third of the frame's height and width;
-    - swapped: two images exchange their masks (each resized to the other's frame), so its count must be even.
-
-    A shifted or swapped mask whose Dice with the true one exceeds ``max_overlap`` would be barely wrong, so such
-    candidates are passed over. Frames whose polyp covers less than ``min_area`` of the frame are not drawn.
-    Returns the stems of the corrupted images by kind; the shared data is never written.
+    except ``counts[kind]`` masks of each kind broken by the study's ``corrupt_labels`` (benchmarks/difficulty.py:
+    erased, shifted by a third of the frame, swapped between two images; each broken mask overlapping the true one
+    by Dice <= ``max_overlap``), written as new 0/255 PNGs of the frame's size. Frames whose polyp covers less than
+    ``min_area`` of the frame are not drawn. Returns the stems of the corrupted images by kind; the shared data is
+    never written.
     """
-    assert counts["swapped"] % 2 == 0, "swaps come in pairs"
     rng = np.random.default_rng(seed)
     stems = sorted(p.stem for p in (KVASIR / "images").iterdir())
     chosen = []
@@ -53,38 +40,20 @@ def corrupted_kvasir(root: Path, num_images: int, counts: dict[str, int], seed: 
         if min_area <= 0 or _mask(KVASIR / "masks" / f"{stems[i]}.jpg").mean() >= min_area:
             chosen.append(stems[i])
     chosen.sort()
+    # the same generator draws the broken labels: one seed fixes the whole slice
+    new, broken = load_benchmark("difficulty.py").corrupt_labels(
+        [KVASIR / "masks" / f"{stem}.jpg" for stem in chosen], counts, rng, max_overlap)
     images, masks = root / "frames" / "images", root / "frames" / "masks"
     images.mkdir(parents=True)
     masks.mkdir(parents=True)
-    new: dict[str, np.ndarray] = {}
-    corrupted: dict[str, list[str]] = {kind: [] for kind in KINDS}
-    candidates = iter(rng.permutation(chosen).tolist())
-    while len(corrupted["erased"]) < counts["erased"]:
-        stem = next(candidates)
-        new[stem] = np.zeros_like(_mask(KVASIR / "masks" / f"{stem}.jpg"))
-        corrupted["erased"].append(stem)
-    while len(corrupted["shifted"]) < counts["shifted"]:
-        stem = next(candidates)
-        true = _mask(KVASIR / "masks" / f"{stem}.jpg")
-        shifted = np.roll(true, (true.shape[0] // 3, true.shape[1] // 3), axis=(0, 1))
-        if _overlap(shifted, true) <= max_overlap:
-            new[stem] = shifted
-            corrupted["shifted"].append(stem)
-    while len(corrupted["swapped"]) < counts["swapped"]:
-        a, b = next(candidates), next(candidates)
-        true_a, true_b = _mask(KVASIR / "masks" / f"{a}.jpg"), _mask(KVASIR / "masks" / f"{b}.jpg")
-        as_a = np.asarray(Image.fromarray(true_b).resize(true_a.shape[::-1], Image.NEAREST))  # b's mask on a
-        as_b = np.asarray(Image.fromarray(true_a).resize(true_b.shape[::-1], Image.NEAREST))
-        if max(_overlap(as_a, true_a), _overlap(as_b, true_b)) <= max_overlap:
-            new[a], new[b] = as_a, as_b
-            corrupted["swapped"] += [a, b]
     for stem in chosen:
         (images / f"{stem}.jpg").symlink_to(KVASIR / "images" / f"{stem}.jpg")
-        if stem in new:
-            Image.fromarray(new[stem].astype(np.uint8) * 255).save(masks / f"{stem}.png")
+        label = KVASIR / "masks" / f"{stem}.jpg"
+        if label in new:
+            Image.fromarray(new[label].astype(np.uint8) * 255).save(masks / f"{stem}.png")
         else:
-            (masks / f"{stem}.jpg").symlink_to(KVASIR / "masks" / f"{stem}.jpg")
-    return corrupted
+            (masks / f"{stem}.jpg").symlink_to(label)
+    return {kind: [p.stem for p in paths] for kind, paths in broken.items()}
 
 
 def audit_ranks(csv_path: Path, corrupted: dict[str, list[str]]) -> tuple[list[dict], dict[str, list[int]]]:

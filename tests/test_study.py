@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 import yaml
-from conftest import BUNDLE_ROOT, TINY_OVERRIDES, read_evaluation, read_json, run
+from conftest import BUNDLE_ROOT, TINY_OVERRIDES, load_benchmark, read_evaluation, read_json, run
 from scipy.stats import wilcoxon
 
 STUDY = BUNDLE_ROOT / "benchmarks" / "study.py"
-
-
-def study_module():
-    spec = importlib.util.spec_from_file_location("study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = module  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_study_trains_orders_resumes_and_reports(demo, tmp_path):
@@ -78,7 +68,7 @@ def test_study_trains_orders_resumes_and_reports(demo, tmp_path):
 
 
 def test_paired_comparison_pairs_images_by_name_and_averages_seeds():
-    study = study_module()
+    study = load_benchmark("study.py")
     rng = np.random.default_rng(0)
     images = [f"img{i:02d}.png" for i in range(30)]
     base = {i: rng.uniform(0.5, 0.9, 2).tolist() for i in images}  # two seeds
@@ -115,7 +105,7 @@ def test_evaluation_variants_are_rows_with_their_own_metrics_and_figure(tmp_path
     ``figure`` image's topology pictures; read from files laid out as the bundle writes them."""
     from PIL import Image
 
-    study = study_module()
+    study = load_benchmark("study.py")
     spec = {"baseline": "a", "splits": {"s": ""}, "seeds": [0], "eval_splits": ["test"], "title": "T",
             "methods": {"a": {"label": "A"}, "b": {"label": "B"}},
             "evaluations": {"plain": {"label": "", "configs": []}, "dti": {"label": " + DTI", "configs": []}},
@@ -167,7 +157,7 @@ def test_a_second_stage_waits_for_its_backbone_and_each_run_gets_only_its_missin
     """The refiner study's shape (benchmarks/study_refiner_cpu.yaml): a method trained on another's model
     (``backbone``), methods scored with their own subsets of the evaluations, evaluations with their own overrides,
     and an evaluation added to a finished run run alone."""
-    study = study_module()
+    study = load_benchmark("study.py")
     spec = {"baseline": "unet", "splits": {"s": ""}, "seeds": [0], "eval_splits": ["test"], "budget": {"epochs": 1},
             "methods": {"unet": {"evaluations": ["argmax"]},
                         "k9": {"backbone": "unet", "configs": ["configs/vessel/refiner.yaml"],
